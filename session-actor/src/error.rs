@@ -1,0 +1,60 @@
+//! Errors of the session layer.
+
+use thiserror::Error;
+
+/// What can go wrong talking to the session store.
+#[derive(Debug, Error, Clone)]
+pub enum StoreError {
+    /// The store could not be reached or did not answer in time; the caller may retry.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Another owner raised the session's epoch: this owner must give the session up.
+    #[error("session fenced: epoch {ours} is stale (current {current})")]
+    Fenced { ours: u64, current: u64 },
+    /// The journal does not hold what this owner believed (a seq gap); reload and retry.
+    #[error("journal out of step: expected seq {expected}, store has {found}")]
+    OutOfStep { expected: u64, found: u64 },
+    /// The store answered something that cannot be decoded.
+    #[error("corrupt store data: {0}")]
+    Corrupt(String),
+}
+
+impl From<redis::RedisError> for StoreError {
+    fn from(e: redis::RedisError) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+/// Why a session refused or could not take an envelope.
+#[derive(Debug, Error, Clone)]
+pub enum SessionError {
+    /// The envelope is malformed for the session layer (missing body, no recipients, ...).
+    #[error("invalid envelope: {0}")]
+    Invalid(String),
+    /// An edit, delete or reaction names a message this session does not know.
+    #[error("unknown target message")]
+    UnknownTarget,
+    /// The journal could not be written; the origin should retry.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The session is restarting or the node is draining; the origin should retry.
+    #[error("session unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl SessionError {
+    /// Whether the origin platform should send the event again later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, SessionError::Store(_) | SessionError::Unavailable(_))
+    }
+
+    /// A stable, content-free code for protocol answers and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SessionError::Invalid(_) => "invalid",
+            SessionError::UnknownTarget => "unknown_target",
+            SessionError::Store(_) => "store_unavailable",
+            SessionError::Unavailable(_) => "unavailable",
+        }
+    }
+}

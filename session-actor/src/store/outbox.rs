@@ -1,0 +1,284 @@
+//! Per-domain outboxes: where deliveries wait for a pull-mode receiver (the HTTP edge's
+//! event stream). Each domain's outbox is an ordered, bounded log with opaque ids a receiver
+//! resumes after; pushing deduplicates on (session, seq).
+
+use super::redis::{RedisStoreConfig, connect};
+use crate::{SessionId, StoreError};
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+
+/// One delivery into an outbox.
+#[derive(Debug, Clone)]
+pub struct OutboxItem {
+    pub session_id: SessionId,
+    pub seq: u64,
+    /// The rendered event, as the receiver will read it.
+    pub payload: Vec<u8>,
+}
+
+/// One stored event, with the id a receiver resumes after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEvent {
+    pub id: String,
+    pub payload: Vec<u8>,
+}
+
+#[async_trait]
+pub trait Outbox: Send + Sync + 'static {
+    /// Appends `items` (one session's in seq order, or several sessions'); items whose
+    /// (session, seq) the outbox already holds are dropped.
+    async fn push(&self, domain: &str, items: &[OutboxItem]) -> Result<(), StoreError>;
+
+    /// Up to `max` events after `after` (from the oldest kept when `None`).
+    async fn read_after(
+        &self,
+        domain: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<OutboxEvent>, StoreError>;
+
+    /// Woken whenever this process pushes to `domain`. Readers also poll, for pushes made by
+    /// other nodes.
+    fn notifier(&self, domain: &str) -> Arc<Notify>;
+}
+
+#[derive(Default)]
+struct Signals(Mutex<HashMap<String, Arc<Notify>>>);
+
+impl Signals {
+    fn get(&self, domain: &str) -> Arc<Notify> {
+        match self.0.lock() {
+            Ok(mut m) => m.entry(domain.to_string()).or_default().clone(),
+            // A poisoned map only loses wake-ups; readers still poll.
+            Err(_) => Arc::new(Notify::new()),
+        }
+    }
+}
+
+// === impl MemoryOutbox ===
+
+#[derive(Default)]
+struct MemoryDomain {
+    next_id: u64,
+    events: VecDeque<(u64, Vec<u8>)>,
+    last: HashMap<SessionId, u64>,
+}
+
+/// Outboxes in process memory, keeping the newest `capacity` events per domain.
+pub struct MemoryOutbox {
+    capacity: usize,
+    domains: Mutex<HashMap<String, MemoryDomain>>,
+    signals: Signals,
+}
+
+impl MemoryOutbox {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            domains: Mutex::default(),
+            signals: Signals::default(),
+        }
+    }
+}
+
+fn parse_memory_id(id: &str) -> Option<u64> {
+    id.strip_prefix("0-")?.parse().ok()
+}
+
+#[async_trait]
+impl Outbox for MemoryOutbox {
+    async fn push(&self, domain: &str, items: &[OutboxItem]) -> Result<(), StoreError> {
+        {
+            let mut all = self
+                .domains
+                .lock()
+                .map_err(|_| StoreError::Unavailable("outbox poisoned".into()))?;
+            let d = all.entry(domain.to_string()).or_default();
+            for item in items {
+                let last = d.last.entry(item.session_id).or_default();
+                if item.seq <= *last {
+                    continue;
+                }
+                *last = item.seq;
+                d.next_id += 1;
+                d.events.push_back((d.next_id, item.payload.clone()));
+                if d.events.len() > self.capacity {
+                    d.events.pop_front();
+                }
+            }
+        }
+        self.signals.get(domain).notify_waiters();
+        Ok(())
+    }
+
+    async fn read_after(
+        &self,
+        domain: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        let after = after.and_then(parse_memory_id).unwrap_or(0);
+        let all = self
+            .domains
+            .lock()
+            .map_err(|_| StoreError::Unavailable("outbox poisoned".into()))?;
+        let Some(d) = all.get(domain) else {
+            return Ok(Vec::new());
+        };
+        // Ids are dense, so the first event after `after` is found by offset.
+        let start = match d.events.front() {
+            Some((first, _)) if after >= *first => (after - first + 1) as usize,
+            _ => 0,
+        };
+        Ok(d.events
+            .iter()
+            .skip(start)
+            .take(max)
+            .map(|(id, p)| OutboxEvent {
+                id: format!("0-{id}"),
+                payload: p.clone(),
+            })
+            .collect())
+    }
+
+    fn notifier(&self, domain: &str) -> Arc<Notify> {
+        self.signals.get(domain)
+    }
+}
+
+// === impl RedisOutbox ===
+
+/// Outboxes as Redis streams `fr:o:{<domain>}`, trimmed to about `capacity` entries, with the
+/// dedup hash `fr:o:{<domain>}:last` beside each.
+pub struct RedisOutbox {
+    conn: ConnectionManager,
+    prefix: String,
+    capacity: usize,
+    push: redis::Script,
+    signals: Signals,
+}
+
+impl RedisOutbox {
+    pub fn new(cfg: &RedisStoreConfig, capacity: usize) -> Result<Self, StoreError> {
+        Ok(Self {
+            conn: connect(cfg)?,
+            prefix: cfg.key_prefix.clone(),
+            capacity: capacity.max(1),
+            push: redis::Script::new(include_str!("lua/outbox_push.lua")),
+            signals: Signals::default(),
+        })
+    }
+
+    fn key(&self, domain: &str) -> String {
+        format!("{}:o:{{{}}}", self.prefix, domain.to_ascii_lowercase())
+    }
+}
+
+#[async_trait]
+impl Outbox for RedisOutbox {
+    async fn push(&self, domain: &str, items: &[OutboxItem]) -> Result<(), StoreError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let key = self.key(domain);
+        let mut inv = self.push.prepare_invoke();
+        inv.key(&key).key(format!("{key}:last")).arg(self.capacity);
+        for item in items {
+            inv.arg(item.session_id.to_hex())
+                .arg(item.seq)
+                .arg(item.payload.as_slice());
+        }
+        let _added: u64 = inv.invoke_async(&mut self.conn.clone()).await?;
+        self.signals.get(domain).notify_waiters();
+        Ok(())
+    }
+
+    async fn read_after(
+        &self,
+        domain: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        let start = match after {
+            Some(id) if valid_stream_id(id) => format!("({id}"),
+            _ => "-".to_string(),
+        };
+        let entries: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
+            .arg(self.key(domain))
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(max)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(id, mut fields)| {
+                // fields = ["e", payload]
+                (fields.len() == 2).then(|| OutboxEvent {
+                    id,
+                    payload: fields.swap_remove(1),
+                })
+            })
+            .collect())
+    }
+
+    fn notifier(&self, domain: &str) -> Arc<Notify> {
+        self.signals.get(domain)
+    }
+}
+
+/// A Redis stream id is `<ms>-<seq>`, both decimal.
+fn valid_stream_id(id: &str) -> bool {
+    id.split_once('-').is_some_and(|(a, b)| {
+        !a.is_empty()
+            && !b.is_empty()
+            && a.len() <= 20
+            && b.len() <= 20
+            && a.bytes().all(|c| c.is_ascii_digit())
+            && b.bytes().all(|c| c.is_ascii_digit())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(s: u8, seq: u64) -> OutboxItem {
+        OutboxItem {
+            session_id: SessionId([s; 16]),
+            seq,
+            payload: vec![s, seq as u8],
+        }
+    }
+
+    #[tokio::test]
+    async fn memory_outbox_dedups_resumes_and_bounds() -> Result<(), StoreError> {
+        let o = MemoryOutbox::new(3);
+        o.push("d", &[item(1, 1), item(1, 2), item(2, 1)]).await?;
+        // Redelivery of (1,2) after a crash is dropped; (1,3) is new.
+        o.push("d", &[item(1, 2), item(1, 3)]).await?;
+        let all = o.read_after("d", None, 10).await?;
+        // Capacity 3: the oldest of four events is gone.
+        assert_eq!(
+            all.iter().map(|e| e.payload.clone()).collect::<Vec<_>>(),
+            vec![vec![1, 2], vec![2, 1], vec![1, 3]]
+        );
+        let after_first = o.read_after("d", Some(&all[0].id), 10).await?;
+        assert_eq!(after_first, all[1..].to_vec());
+        assert!(o.read_after("d", Some(&all[2].id), 10).await?.is_empty());
+        assert!(o.read_after("other", None, 10).await?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn stream_ids_are_validated() {
+        assert!(valid_stream_id("1732350000123-0"));
+        assert!(!valid_stream_id("1-"));
+        assert!(!valid_stream_id("+"));
+        assert!(!valid_stream_id("1-2 junk"));
+    }
+}

@@ -1,0 +1,521 @@
+//! Session semantics, each scenario run twice: on the in-memory store and on a real
+//! `redis-server` started for the test.
+
+use anyhow::{Context, Result, bail, ensure};
+use async_trait::async_trait;
+use fedrelay_proto::{Address, Body, Envelope, v1};
+use session_actor::metadata::NoMetadata;
+use session_actor::store::{
+    AckUpdate, AppendOutcome, AppendRequest, Claimed, MemoryStore, RedisStore, RedisStoreConfig,
+};
+use session_actor::{
+    DeliveryError, Outbound, SessionConfig, SessionDeps, SessionError, SessionId, SessionStore,
+    StoreError, SupervisorHandle,
+};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use test_support::{RedisServer, wait_for};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+// === test outbound ===
+
+/// What a recipient's edge does with a delivery call.
+type Behaviour = Box<dyn Fn(&Address, &[Arc<Envelope>]) -> Result<(), DeliveryError> + Send + Sync>;
+
+/// Records every envelope delivered, per recipient, and answers with a native id
+/// `"<platform>-<relay id>"`, like a platform assigning its own ids.
+struct Recorder {
+    delivered: Mutex<HashMap<String, Vec<Envelope>>>,
+    calls: AtomicU32,
+    behaviour: Behaviour,
+}
+
+impl Recorder {
+    fn new(behaviour: Behaviour) -> Arc<Self> {
+        Arc::new(Self {
+            delivered: Mutex::default(),
+            calls: AtomicU32::new(0),
+            behaviour,
+        })
+    }
+
+    fn ok() -> Arc<Self> {
+        Self::new(Box::new(|_, _| Ok(())))
+    }
+
+    fn to(&self, user: &str) -> Vec<Envelope> {
+        self.delivered
+            .lock()
+            .map(|m| m.get(user).cloned().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    async fn wait_count(&self, user: &str, n: usize) -> Result<Vec<Envelope>> {
+        wait_for(&format!("{n} deliveries to {user}"), WAIT, || async {
+            let got = self.to(user);
+            (got.len() >= n).then_some(got)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Outbound for Recorder {
+    async fn deliver(
+        &self,
+        recipient: &Address,
+        batch: &[Arc<Envelope>],
+    ) -> Result<Vec<Option<String>>, DeliveryError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        (self.behaviour)(recipient, batch)?;
+        let mut m = self
+            .delivered
+            .lock()
+            .map_err(|_| DeliveryError::permanent("poisoned", ""))?;
+        let list = m.entry(recipient.user.clone()).or_default();
+        for e in batch {
+            list.push((**e).clone());
+        }
+        Ok(batch
+            .iter()
+            .map(|e| Some(format!("{}-{}", recipient.platform, e.relay_msg_id)))
+            .collect())
+    }
+}
+
+// === helpers ===
+
+fn alice() -> Address {
+    Address::new("teams", "contoso.example", "alice")
+}
+fn bob() -> Address {
+    Address::new("xmpp", "partner.example", "bob")
+}
+
+fn envelope(from: &Address, to: &Address, native: &str, body: Body) -> Envelope {
+    Envelope {
+        session_id: SessionId::one_to_one(from, to).0.to_vec(),
+        origin: Some(v1::Origin {
+            platform: from.platform.clone(),
+            native_id: native.to_string(),
+        }),
+        sender: Some(from.clone()),
+        recipients: vec![to.clone()],
+        body: Some(body),
+        ..Default::default()
+    }
+}
+
+fn text(s: &str) -> Body {
+    Body::Text(v1::Text {
+        plain: s.to_string(),
+        rich: vec![],
+    })
+}
+
+fn plain(e: &Envelope) -> Option<&str> {
+    match e.body.as_ref()? {
+        Body::Text(t) => Some(&t.plain),
+        _ => None,
+    }
+}
+
+fn fast_config() -> SessionConfig {
+    SessionConfig {
+        retry_base: Duration::from_millis(5),
+        retry_max: Duration::from_millis(50),
+        ack_flush_interval: Duration::from_millis(5),
+        ..SessionConfig::default()
+    }
+}
+
+async fn start(
+    store: Arc<dyn SessionStore>,
+    out: Arc<Recorder>,
+    config: SessionConfig,
+) -> Result<SupervisorHandle> {
+    let deps = SessionDeps {
+        store,
+        outbound: out,
+        metadata: Arc::new(NoMetadata),
+        config: Arc::new(config),
+    };
+    Ok(SupervisorHandle::start(deps).await?.0)
+}
+
+/// The two stores every scenario runs on. The Redis server lives as long as the store.
+enum Backend {
+    Memory,
+    Redis,
+}
+
+struct Stores {
+    store: Arc<dyn SessionStore>,
+    _redis: Option<RedisServer>,
+}
+
+fn stores(b: Backend) -> Result<Stores> {
+    Ok(match b {
+        Backend::Memory => Stores {
+            store: Arc::new(MemoryStore::new()),
+            _redis: None,
+        },
+        Backend::Redis => {
+            let redis = RedisServer::start()?;
+            let store = RedisStore::new(&RedisStoreConfig::new(redis.url()))?;
+            Stores {
+                store: Arc::new(store),
+                _redis: Some(redis),
+            }
+        }
+    })
+}
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(#[tokio::test] async fn $name() -> anyhow::Result<()> { super::$name(super::Backend::Memory).await })*
+        }
+        mod redis {
+            $(#[tokio::test] async fn $name() -> anyhow::Result<()> { super::$name(super::Backend::Redis).await })*
+        }
+    };
+}
+
+on_both_stores!(
+    order_and_dedup,
+    edits_deletes_and_reactions_land_on_the_right_message,
+    failed_deliveries_are_retried_then_reported,
+    unknown_targets_are_refused,
+    idle_sessions_hibernate_and_revive,
+    a_crashed_session_restarts_with_no_loss_and_no_duplicate,
+    store_conformance,
+);
+
+// === scenarios ===
+
+async fn store_conformance(b: Backend) -> Result<()> {
+    let s = stores(b)?;
+    session_actor::store::conformance::run(s.store.as_ref()).await?;
+    Ok(())
+}
+
+async fn order_and_dedup(b: Backend) -> Result<()> {
+    let s = stores(b)?;
+    let out = Recorder::ok();
+    let sup = start(s.store.clone(), out.clone(), fast_config()).await?;
+    let mut firsts = Vec::new();
+    for i in 0..40 {
+        let acc = sup
+            .route(envelope(
+                &alice(),
+                &bob(),
+                &format!("m{i}"),
+                text(&format!("hello {i}")),
+            ))
+            .await?;
+        ensure!(
+            !acc.duplicate && acc.seq == i + 1,
+            "seq {} for message {i}",
+            acc.seq
+        );
+        firsts.push(acc);
+        if i % 5 == 0 {
+            // The platform sends the same event again: same ids back, nothing new journaled.
+            let again = sup
+                .route(envelope(
+                    &alice(),
+                    &bob(),
+                    &format!("m{i}"),
+                    text(&format!("hello {i}")),
+                ))
+                .await?;
+            ensure!(again.duplicate, "resend not detected");
+            ensure!(again.relay_msg_id == firsts[i as usize].relay_msg_id && again.seq == i + 1);
+        }
+    }
+    let got = out.wait_count("bob", 40).await?;
+    let texts: Vec<String> = got.iter().filter_map(plain).map(String::from).collect();
+    let want: Vec<String> = (0..40).map(|i| format!("hello {i}")).collect();
+    ensure!(texts == want, "bob saw {texts:?}");
+    ensure!(got.windows(2).all(|w| w[0].seq < w[1].seq), "out of order");
+    // Nothing more arrives: each message exactly once.
+    let settled = sup.drain().await?;
+    ensure!(settled == 0, "{settled} deliveries still owed");
+    ensure!(out.to("bob").len() == 40, "duplicates delivered");
+    Ok(())
+}
+
+async fn edits_deletes_and_reactions_land_on_the_right_message(b: Backend) -> Result<()> {
+    let s = stores(b)?;
+    let out = Recorder::ok();
+    let sup = start(s.store.clone(), out.clone(), fast_config()).await?;
+    let first = sup
+        .route(envelope(&alice(), &bob(), "t-1", text("first")))
+        .await?;
+    let second = sup
+        .route(envelope(&alice(), &bob(), "t-2", text("second")))
+        .await?;
+    out.wait_count("bob", 2).await?;
+
+    // Alice edits her first message, naming it by her platform's id.
+    let edit = Body::Edit(v1::Edit {
+        target: Some(v1::MessageRef {
+            relay_msg_id: String::new(),
+            native_id: "t-1".into(),
+        }),
+        new_body: Some(v1::Text {
+            plain: "first (edited)".into(),
+            rich: vec![],
+        }),
+    });
+    sup.route(envelope(&alice(), &bob(), "t-3", edit)).await?;
+    // Bob reacts to the second, naming it by the id *his* platform gave it on delivery.
+    let reaction = Body::Reaction(v1::Reaction {
+        target: Some(v1::MessageRef {
+            relay_msg_id: String::new(),
+            native_id: format!("xmpp-{}", second.relay_msg_id),
+        }),
+        emoji: "👍".into(),
+        added: true,
+    });
+    sup.route(envelope(&bob(), &alice(), "x-1", reaction))
+        .await?;
+    // Alice deletes the second by relay id.
+    let delete = Body::Delete(v1::Delete {
+        target: Some(v1::MessageRef {
+            relay_msg_id: second.relay_msg_id.clone(),
+            native_id: String::new(),
+        }),
+    });
+    sup.route(envelope(&alice(), &bob(), "t-4", delete)).await?;
+
+    let to_bob = out.wait_count("bob", 4).await?;
+    let to_alice = out.wait_count("alice", 1).await?;
+    let target = |e: &Envelope| e.body.as_ref().and_then(Body::target).cloned();
+
+    let t = target(&to_bob[2]).context("edit has a target")?;
+    ensure!(
+        t.relay_msg_id == first.relay_msg_id,
+        "edit names the wrong message"
+    );
+    ensure!(
+        t.native_id == format!("xmpp-{}", first.relay_msg_id),
+        "edit lacks bob's native id"
+    );
+
+    let t = target(&to_alice[0]).context("reaction has a target")?;
+    ensure!(
+        t.relay_msg_id == second.relay_msg_id,
+        "reaction names the wrong message"
+    );
+    ensure!(
+        t.native_id == "t-2",
+        "reaction should name alice's own id, got {}",
+        t.native_id
+    );
+
+    let t = target(&to_bob[3]).context("delete has a target")?;
+    ensure!(
+        t.relay_msg_id == second.relay_msg_id
+            && t.native_id == format!("xmpp-{}", second.relay_msg_id)
+    );
+    Ok(())
+}
+
+async fn failed_deliveries_are_retried_then_reported(b: Backend) -> Result<()> {
+    let s = stores(b)?;
+    // bob's edge fails its first three calls, then works; carol's always refuses.
+    let fails = Arc::new(AtomicU32::new(3));
+    let f = fails.clone();
+    let out = Recorder::new(Box::new(move |to, _| {
+        if to.user == "carol" {
+            return Err(DeliveryError::permanent("unknown_user", "no such user"));
+        }
+        if to.user == "bob"
+            && f.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(DeliveryError::retryable("timeout", "edge timed out"));
+        }
+        Ok(())
+    }));
+    let sup = start(s.store.clone(), out.clone(), fast_config()).await?;
+    sup.route(envelope(&alice(), &bob(), "r-1", text("eventually")))
+        .await?;
+    let got = out.wait_count("bob", 1).await?;
+    ensure!(plain(&got[0]) == Some("eventually"));
+    ensure!(fails.load(Ordering::SeqCst) == 0, "not retried");
+
+    let carol = Address::new("xmpp", "partner.example", "carol");
+    let lost = sup
+        .route(envelope(&alice(), &carol, "r-2", text("never")))
+        .await?;
+    let notice = out.wait_count("alice", 1).await?;
+    match notice[0].body.as_ref() {
+        Some(Body::Error(e)) => {
+            ensure!(e.code == "undeliverable" && e.detail == "unknown_user");
+            ensure!(
+                e.about.as_ref().map(|a| a.relay_msg_id.as_str())
+                    == Some(lost.relay_msg_id.as_str())
+            );
+        }
+        other => bail!("alice got {other:?} instead of an error"),
+    }
+    ensure!(out.to("carol").is_empty());
+    ensure!(out.to("bob").len() == 1, "bob got duplicates");
+    Ok(())
+}
+
+async fn unknown_targets_are_refused(b: Backend) -> Result<()> {
+    let s = stores(b)?;
+    let out = Recorder::ok();
+    let sup = start(s.store.clone(), out.clone(), fast_config()).await?;
+    let del = Body::Delete(v1::Delete {
+        target: Some(v1::MessageRef {
+            relay_msg_id: String::new(),
+            native_id: "never-sent".into(),
+        }),
+    });
+    let r = sup.route(envelope(&alice(), &bob(), "d-1", del)).await;
+    ensure!(matches!(r, Err(SessionError::UnknownTarget)), "got {r:?}");
+    // Nothing was journaled: the next message is seq 1.
+    let acc = sup
+        .route(envelope(&alice(), &bob(), "d-2", text("hi")))
+        .await?;
+    ensure!(acc.seq == 1);
+    Ok(())
+}
+
+async fn idle_sessions_hibernate_and_revive(b: Backend) -> Result<()> {
+    let s = stores(b)?;
+    let out = Recorder::ok();
+    let cfg = SessionConfig {
+        hibernate_after: Duration::from_millis(50),
+        ..fast_config()
+    };
+    let sup = start(s.store.clone(), out.clone(), cfg).await?;
+    let a = sup
+        .route(envelope(&alice(), &bob(), "h-1", text("before")))
+        .await?;
+    out.wait_count("bob", 1).await?;
+    let stats = wait_for("the session to hibernate", WAIT, || async {
+        let st = sup.stats().await.ok()?;
+        (st.hibernated_total >= 1 && st.active == 0).then_some(st)
+    })
+    .await?;
+    ensure!(stats.restarts_total == 0);
+    // Revived from the store: the seq continues, the dedup set is intact.
+    let again = sup
+        .route(envelope(&alice(), &bob(), "h-1", text("before")))
+        .await?;
+    ensure!(again.duplicate && again.relay_msg_id == a.relay_msg_id);
+    let b2 = sup
+        .route(envelope(&alice(), &bob(), "h-2", text("after")))
+        .await?;
+    ensure!(b2.seq == 2 && !b2.duplicate);
+    let got = out.wait_count("bob", 2).await?;
+    ensure!(plain(&got[1]) == Some("after"));
+    ensure!(sup.stats().await?.active == 1);
+    Ok(())
+}
+
+/// A store that panics inside the session actor on chosen appends, like a bug would.
+struct PanickingStore {
+    inner: Arc<dyn SessionStore>,
+    appends: AtomicU32,
+    panic_on: Vec<u32>,
+}
+
+#[async_trait]
+impl SessionStore for PanickingStore {
+    async fn claim(&self, id: SessionId) -> Result<Claimed, StoreError> {
+        self.inner.claim(id).await
+    }
+    async fn append(
+        &self,
+        id: SessionId,
+        epoch: u64,
+        req: AppendRequest<'_>,
+    ) -> Result<AppendOutcome, StoreError> {
+        let n = self.appends.fetch_add(1, Ordering::SeqCst) + 1;
+        let outcome = self.inner.append(id, epoch, req).await;
+        // Panic *after* the append reached the store: the worst case, an append the origin
+        // never heard about.
+        if self.panic_on.contains(&n) {
+            panic!("injected session failure on append {n}");
+        }
+        outcome
+    }
+    async fn ack(&self, id: SessionId, epoch: u64, u: &AckUpdate) -> Result<(), StoreError> {
+        self.inner.ack(id, epoch, u).await
+    }
+    async fn resolve_native(
+        &self,
+        id: SessionId,
+        p: &str,
+        n: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.inner.resolve_native(id, p, n).await
+    }
+    async fn native_for(
+        &self,
+        id: SessionId,
+        r: &str,
+        p: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.inner.native_for(id, r, p).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+}
+
+async fn a_crashed_session_restarts_with_no_loss_and_no_duplicate(b: Backend) -> Result<()> {
+    let s = stores(b)?;
+    let store = Arc::new(PanickingStore {
+        inner: s.store.clone(),
+        appends: AtomicU32::new(0),
+        panic_on: vec![7, 15],
+    });
+    let out = Recorder::ok();
+    let sup = start(store, out.clone(), fast_config()).await?;
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        // Like an origin platform: retry until acknowledged.
+        let acc = wait_for("an ack", WAIT, || {
+            let sup = sup.clone();
+            async move {
+                sup.route(envelope(
+                    &alice(),
+                    &bob(),
+                    &format!("c{i}"),
+                    text(&format!("msg {i}")),
+                ))
+                .await
+                .ok()
+            }
+        })
+        .await?;
+        acked.push(acc);
+    }
+    let st = sup.stats().await?;
+    ensure!(
+        st.restarts_total == 2,
+        "expected two restarts, saw {}",
+        st.restarts_total
+    );
+    // The sends that crashed were journaled before the panic; their retries were dedup hits.
+    ensure!(acked.iter().map(|a| a.seq).collect::<Vec<_>>() == (1..=20).collect::<Vec<u64>>());
+    let got = out.wait_count("bob", 20).await?;
+    ensure!(sup.drain().await? == 0);
+    let got_all = out.to("bob");
+    let texts: Vec<&str> = got_all.iter().filter_map(plain).collect();
+    let want: Vec<String> = (0..20).map(|i| format!("msg {i}")).collect();
+    ensure!(texts == want, "bob saw {texts:?}");
+    ensure!(got.len() == 20);
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! Test support: real servers on free loopback ports, killed on drop, and waits with a
+//! deadline instead of sleeps.
+//!
+//! A missing server binary is a loud failure that names the package to install, never a
+//! skipped test.
+#![forbid(unsafe_code)]
+
+use anyhow::{Context, Result, bail};
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the server to take).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Polls `cond` until it returns `Some`, or fails after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut cond: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond().await {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Finds a server binary on PATH (and in /usr/sbin, /usr/bin, where Debian puts them).
+pub fn find_binary(name: &str, package: &str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    dirs.push("/usr/sbin".into());
+    dirs.push("/usr/bin".into());
+    for d in dirs {
+        let p = d.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "`{name}` not found: install it with `apt-get install -y {package}` (or run the README's test command, which does)"
+    )
+}
+
+fn wait_port(addr: SocketAddr, child: &mut Child, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("server exited with {status} before listening on {addr}");
+        }
+        if Instant::now() >= deadline {
+            bail!("server did not listen on {addr} within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A `redis-server` of its own, on a free port, with its data in a temporary directory.
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    appendonly: bool,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts a server with persistence off.
+    pub fn start() -> Result<Self> {
+        Self::start_with(false)
+    }
+
+    /// Starts a server; with `appendonly`, every write is in the AOF (fsync always) so a
+    /// restart keeps everything acknowledged.
+    pub fn start_with(appendonly: bool) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut s = Self {
+            child: None,
+            port: free_port()?,
+            appendonly,
+            dir,
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let bin = find_binary("redis-server", "redis-server")?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--save")
+            .arg("")
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if self.appendonly {
+            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            cmd.args(["--appendonly", "no"]);
+        }
+        let mut child = cmd.spawn().context("starting redis-server")?;
+        wait_port(
+            SocketAddr::from(([127, 0, 0, 1], self.port)),
+            &mut child,
+            Duration::from_secs(10),
+        )?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Kills the server with SIGKILL (no shutdown save) and waits for it to go.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the server again on the same port and directory.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill()?;
+        self.spawn()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// Path of a binary built by this workspace (`relay-node`, `relay-loadtest`), next to the
+/// test executable's profile directory.
+pub fn workspace_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test executable has no profile directory")?;
+    let p = profile_dir.join(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        bail!(
+            "{} not built: run `cargo build --workspace --all-targets` first (the README's test command does)",
+            p.display()
+        )
+    }
+}
