@@ -14,6 +14,7 @@
 //! - [`ids`]: session ids (derived, 128-bit) and relay message ids.
 //! - [`store`]: the [`SessionStore`] trait, its Redis and in-memory implementations, and the
 //!   per-domain [`store::Outbox`] that pull-mode edges read from.
+//! - [`ingress`]: the [`Ingress`] trait edges hand envelopes to.
 //! - [`outbound`]: the [`Outbound`] trait edges implement to receive deliveries.
 //! - [`metadata`]: the content-free metadata log entries a session reports.
 //! - [`session`] and [`supervisor`]: the actors.
@@ -21,6 +22,7 @@
 
 pub mod error;
 pub mod ids;
+pub mod ingress;
 pub mod metadata;
 pub mod outbound;
 pub mod session;
@@ -29,6 +31,7 @@ pub mod supervisor;
 
 pub use error::{SessionError, StoreError};
 pub use ids::SessionId;
+pub use ingress::Ingress;
 pub use metadata::{MetadataEntry, MetadataSink};
 pub use outbound::{DeliveryError, Outbound};
 pub use session::{Accepted, SessionActor, SessionConfig, SessionDeps};

@@ -74,7 +74,7 @@ pub type AcceptReply = RpcReplyPort<Result<Accepted, SessionError>>;
 
 pub enum SessionMsg {
     /// An envelope from an edge (or from the relay itself) to journal and deliver.
-    Inbound(Envelope, AcceptReply),
+    Inbound(Box<Envelope>, AcceptReply),
     /// Load state now and resume deliveries (sent right after a (re)start).
     Resume,
     /// A delivery task finished.
@@ -286,7 +286,7 @@ impl Actor for SessionActor {
         match msg {
             SessionMsg::Inbound(env, reply) => {
                 state.last_activity = Instant::now();
-                let result = state.accept(&myself, env).await;
+                let result = state.accept(&myself, *env).await;
                 if let Err(SessionError::Store(StoreError::Fenced { .. })) = &result {
                     let _ = reply.send(result);
                     myself.stop(Some("fenced".into()));

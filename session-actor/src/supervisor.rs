@@ -27,7 +27,7 @@ use tracing::{debug, error, warn};
 const MAX_HELD: usize = 10_000;
 
 pub enum SupervisorMsg {
-    Route(Envelope, AcceptReply),
+    Route(Box<Envelope>, AcceptReply),
     RequestHibernate(SessionId, ActorId),
     HibernateCancelled(SessionId),
     Restart(SessionId),
@@ -48,10 +48,10 @@ enum Slot {
     Running(ActorRef<SessionMsg>),
     Stopping {
         actor: ActorRef<SessionMsg>,
-        held: Vec<(Envelope, AcceptReply)>,
+        held: Vec<(Box<Envelope>, AcceptReply)>,
     },
     Restarting {
-        held: Vec<(Envelope, AcceptReply)>,
+        held: Vec<(Box<Envelope>, AcceptReply)>,
     },
 }
 
@@ -99,18 +99,14 @@ impl Actor for SessionSupervisor {
         match msg {
             SupervisorMsg::Route(env, reply) => state.route(&myself, env, reply).await,
             SupervisorMsg::RequestHibernate(id, actor_id) => {
-                if let Some(Slot::Running(actor)) = state.slots.get(&id) {
-                    if actor.get_id() == actor_id && !state.draining {
-                        let actor = actor.clone();
-                        let _ = actor.cast(SessionMsg::Hibernate);
-                        state.slots.insert(
-                            id,
-                            Slot::Stopping {
-                                actor,
-                                held: Vec::new(),
-                            },
-                        );
-                    }
+                if let Some(Slot::Running(actor)) = state.slots.get(&id)
+                    && actor.get_id() == actor_id
+                    && !state.draining
+                {
+                    let actor = actor.clone();
+                    let _ = actor.cast(SessionMsg::Hibernate);
+                    let held = Vec::new();
+                    state.slots.insert(id, Slot::Stopping { actor, held });
                 }
             }
             SupervisorMsg::HibernateCancelled(id) => {
@@ -223,7 +219,7 @@ fn restart_delay(crashes: u32) -> Duration {
     Duration::from_millis(ms.min(10_000))
 }
 
-fn forward(actor: &ActorRef<SessionMsg>, env: Envelope, reply: AcceptReply) {
+fn forward(actor: &ActorRef<SessionMsg>, env: Box<Envelope>, reply: AcceptReply) {
     if let Err(e) = actor.cast(SessionMsg::Inbound(env, reply)) {
         // The reply port went with the failed message; its caller sees a closed reply.
         debug!(error = %e, "session mailbox closed");
@@ -233,7 +229,12 @@ fn forward(actor: &ActorRef<SessionMsg>, env: Envelope, reply: AcceptReply) {
 // === impl SupervisorState ===
 
 impl SupervisorState {
-    async fn route(&mut self, myself: &ActorRef<SupervisorMsg>, env: Envelope, reply: AcceptReply) {
+    async fn route(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        env: Box<Envelope>,
+        reply: AcceptReply,
+    ) {
         if self.draining {
             let _ = reply.send(Err(SessionError::Unavailable("node is draining".into())));
             return;
@@ -261,7 +262,7 @@ impl SupervisorState {
         &mut self,
         myself: &ActorRef<SupervisorMsg>,
         id: SessionId,
-        held: Vec<(Envelope, AcceptReply)>,
+        held: Vec<(Box<Envelope>, AcceptReply)>,
     ) {
         let args = SessionArgs {
             id,
@@ -321,7 +322,7 @@ impl SupervisorHandle {
         match self
             .actor
             .call(
-                |reply| SupervisorMsg::Route(env, reply),
+                |reply| SupervisorMsg::Route(Box::new(env), reply),
                 Some(self.call_timeout),
             )
             .await

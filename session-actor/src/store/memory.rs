@@ -84,11 +84,11 @@ impl SessionStore for MemoryStore {
     ) -> Result<AppendOutcome, StoreError> {
         self.with(id, |s| {
             check_epoch(s, epoch)?;
-            if let Some((platform, native)) = req.origin {
-                if let Some(v) = s.map.get(&super::native_field(platform, native)) {
-                    let (seq, relay_msg_id) = super::parse_seq_relay(v)?;
-                    return Ok(AppendOutcome::Duplicate { relay_msg_id, seq });
-                }
+            if let Some((platform, native)) = req.origin
+                && let Some(v) = s.map.get(&super::native_field(platform, native))
+            {
+                let (seq, relay_msg_id) = super::parse_seq_relay(v)?;
+                return Ok(AppendOutcome::Duplicate { relay_msg_id, seq });
             }
             if req.seq != s.last_seq + 1 {
                 return Err(StoreError::OutOfStep {

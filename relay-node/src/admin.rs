@@ -1,0 +1,110 @@
+//! The admin listener: liveness, readiness and Prometheus metrics.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use session_actor::SessionStore;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub struct AdminState {
+    pub store: Arc<dyn SessionStore>,
+    pub metrics: PrometheusHandle,
+    /// True from SIGTERM on: the node is leaving, so it is not ready.
+    pub draining: AtomicBool,
+}
+
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
+    if s.draining.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining");
+    }
+    match s.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready"),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable"),
+    }
+}
+
+async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        s.metrics.render(),
+    )
+}
+
+/// Installs the Prometheus recorder and describes the node's metrics.
+pub fn install_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("fedrelay_append_seconds".into()),
+            &[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ],
+        )?
+        .install_recorder()?;
+    metrics::describe_counter!(
+        "fedrelay_messages_in_total",
+        "events accepted from an edge, by edge and kind"
+    );
+    metrics::describe_counter!(
+        "fedrelay_messages_out_total",
+        "events delivered to an edge, by edge and kind"
+    );
+    metrics::describe_histogram!(
+        "fedrelay_append_seconds",
+        metrics::Unit::Seconds,
+        "journal append latency (dedup + epoch check + append)"
+    );
+    metrics::describe_gauge!(
+        "fedrelay_sessions_active",
+        "session actors running on this node"
+    );
+    metrics::describe_counter!(
+        "fedrelay_sessions_hibernated_total",
+        "sessions stopped for idleness"
+    );
+    metrics::describe_counter!(
+        "fedrelay_session_restarts_total",
+        "session actors restarted after a crash"
+    );
+    metrics::describe_counter!(
+        "fedrelay_delivery_retries_total",
+        "delivery attempts retried"
+    );
+    metrics::describe_counter!(
+        "fedrelay_deliveries_total",
+        "deliveries by outcome (delivered, failed)"
+    );
+    metrics::describe_counter!(
+        "fedrelay_http_rejected_total",
+        "HTTP-edge requests refused, by reason"
+    );
+    metrics::describe_counter!(
+        "fedrelay_policy_refusals_total",
+        "messages refused by federation policy"
+    );
+    metrics::describe_counter!(
+        "fedrelay_inbound_duplicates_total",
+        "inbound events already journaled"
+    );
+    metrics::describe_counter!(
+        "fedrelay_metadata_entries_total",
+        "metadata log entries, by category"
+    );
+    metrics::describe_gauge!("fedrelay_http_streams_open", "open HTTP-edge event streams");
+    Ok(handle)
+}

@@ -1,0 +1,650 @@
+//! The node's configuration: a TOML file, strict (an unknown key is an error), with
+//! environment overrides.
+//!
+//! Any value can be overridden by `FEDRELAY_<PATH>`, the path's parts joined by `__`, e.g.
+//! `FEDRELAY_STORE__REDIS_URL=redis://redis:6379` or `FEDRELAY_HTTP__LISTEN=0.0.0.0:8443`.
+//! Values are read as TOML where they parse (numbers, booleans) and as strings otherwise.
+//! Secrets are best given as files (`secret_file`), which the Helm chart mounts.
+
+use serde::Deserialize;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Stable id of this node; defaults to the host name (a StatefulSet pod's name).
+    #[serde(default)]
+    pub node_id: Option<String>,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub session: SessionTuning,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub metadata: MetadataConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub domains: Vec<DomainConfig>,
+    #[serde(default)]
+    pub federation: Vec<FederationRule>,
+}
+
+/// The HTTP edge's listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// PEM certificate chain and key; with them the edge speaks HTTPS only.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Plain HTTP on a non-loopback address (behind a TLS-terminating ingress). Off by default:
+    /// without TLS material the edge then refuses to start.
+    pub allow_plaintext: bool,
+    /// Largest request body accepted; larger gets 413.
+    pub max_body_bytes: usize,
+    /// Events kept per domain for streaming receivers to resume from.
+    pub stream_retention: usize,
+    /// Allowed clock difference for signed requests.
+    pub signature_window_secs: u64,
+    /// Timeout of one webhook POST.
+    pub webhook_timeout_ms: u64,
+    /// Events per webhook POST at most.
+    pub webhook_batch: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls_cert: None,
+            tls_key: None,
+            allow_plaintext: false,
+            max_body_bytes: 64 * 1024,
+            stream_retention: 100_000,
+            signature_window_secs: 300,
+            webhook_timeout_ms: 10_000,
+            webhook_batch: 256,
+        }
+    }
+}
+
+/// Health, readiness and metrics.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    Redis,
+    Memory,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    pub redis_url: String,
+    pub key_prefix: String,
+    pub response_timeout_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: StoreBackend::Redis,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "fr".into(),
+            response_timeout_ms: 2_000,
+        }
+    }
+}
+
+/// Session tunables (see `session_actor::SessionConfig`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionTuning {
+    pub hibernate_after_secs: u64,
+    pub delivery_batch: usize,
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    pub max_attempts: u32,
+    pub ack_flush_ms: u64,
+}
+
+impl Default for SessionTuning {
+    fn default() -> Self {
+        let d = session_actor::SessionConfig::default();
+        Self {
+            hibernate_after_secs: d.hibernate_after.as_secs(),
+            delivery_batch: d.max_batch,
+            retry_base_ms: d.retry_base.as_millis() as u64,
+            retry_max_ms: d.retry_max.as_millis() as u64,
+            max_attempts: d.max_attempts,
+            ack_flush_ms: d.ack_flush_interval.as_millis() as u64,
+        }
+    }
+}
+
+impl SessionTuning {
+    pub fn to_session_config(&self) -> session_actor::SessionConfig {
+        session_actor::SessionConfig {
+            hibernate_after: Duration::from_secs(self.hibernate_after_secs),
+            max_batch: self.delivery_batch,
+            retry_base: Duration::from_millis(self.retry_base_ms),
+            retry_max: Duration::from_millis(self.retry_max_ms),
+            max_attempts: self.max_attempts,
+            ack_flush_interval: Duration::from_millis(self.ack_flush_ms),
+            ..session_actor::SessionConfig::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    pub log_format: LogFormat,
+    /// A `tracing` filter: `info`, `warn,relay_node=debug`, ... (`RUST_LOG` wins when set).
+    pub log_level: String,
+    /// OTLP/gRPC endpoint (`http://collector:4317`); spans are exported when set.
+    pub otlp_endpoint: Option<String>,
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Json,
+            log_level: "info".into(),
+            otlp_endpoint: None,
+            service_name: "fedrelay".into(),
+        }
+    }
+}
+
+/// The metadata log (content-free, one entry per message).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetadataConfig {
+    /// Days a day's log is kept in Redis.
+    pub retention_days: u32,
+    /// Entries kept by the in-memory log of `--dev`.
+    pub memory_capacity: usize,
+}
+
+impl Default for MetadataConfig {
+    fn default() -> Self {
+        Self {
+            retention_days: 400,
+            memory_capacity: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// On SIGTERM, how long to finish in-flight requests and deliveries before exiting.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout_secs: 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Platform {
+    Http,
+}
+
+impl Platform {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Http => "http",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// The domain pulls events from `GET /v1/stream`.
+    Stream,
+    /// The relay POSTs events to `webhook_url`.
+    Webhook,
+}
+
+/// A domain the relay serves, bound to one edge.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainConfig {
+    pub name: String,
+    pub platform: Platform,
+    /// Shared secret for request and webhook signatures (at least 16 bytes).
+    pub secret: Option<String>,
+    /// File holding the secret (trailing newline ignored).
+    pub secret_file: Option<PathBuf>,
+    #[serde(default = "default_delivery")]
+    pub delivery: Delivery,
+    pub webhook_url: Option<String>,
+}
+
+fn default_delivery() -> Delivery {
+    Delivery::Stream
+}
+
+/// Two domains whose users may talk to each other (both directions).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationRule {
+    pub between: [String; 2],
+}
+
+// === loading ===
+
+impl Config {
+    /// Reads `path`, applies `FEDRELAY_*` overrides from `env`, and validates.
+    pub fn load(
+        path: &Path,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, env)
+    }
+
+    pub fn from_toml(
+        text: &str,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut value: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        apply_env(&mut value, env)?;
+        let cfg: Config = value
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The embedded default of `relay-node --dev`: one node, in-memory store, the HTTP edge on
+    /// localhost with two demo domains that may talk to each other.
+    pub fn dev() -> Self {
+        let demo = |name: &str, secret: &str| DomainConfig {
+            name: name.into(),
+            platform: Platform::Http,
+            secret: Some(secret.into()),
+            secret_file: None,
+            delivery: Delivery::Stream,
+            webhook_url: None,
+        };
+        Config {
+            node_id: Some("dev-1".into()),
+            http: HttpConfig::default(),
+            admin: AdminConfig::default(),
+            store: StoreConfig {
+                backend: StoreBackend::Memory,
+                ..StoreConfig::default()
+            },
+            session: SessionTuning::default(),
+            telemetry: TelemetryConfig {
+                log_format: LogFormat::Text,
+                ..TelemetryConfig::default()
+            },
+            metadata: MetadataConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            domains: vec![
+                demo("alpha.example", "alpha-demo-secret-0123456789"),
+                demo("beta.example", "beta-demo-secret-0123456789"),
+            ],
+            federation: vec![FederationRule {
+                between: ["alpha.example".into(), "beta.example".into()],
+            }],
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let mut names = HashSet::new();
+        for d in &self.domains {
+            let name = d.name.to_ascii_lowercase();
+            if !valid_domain(&name) {
+                return bad(format!("domain `{}` is not a valid domain name", d.name));
+            }
+            if !names.insert(name) {
+                return bad(format!("domain `{}` is declared twice", d.name));
+            }
+            match (&d.secret, &d.secret_file) {
+                (Some(_), Some(_)) => {
+                    return bad(format!(
+                        "domain `{}`: give `secret` or `secret_file`, not both",
+                        d.name
+                    ));
+                }
+                (None, None) => {
+                    return bad(format!(
+                        "domain `{}` needs `secret` or `secret_file`",
+                        d.name
+                    ));
+                }
+                (Some(s), None) if s.len() < 16 => {
+                    return bad(format!(
+                        "domain `{}`: secret must be at least 16 bytes",
+                        d.name
+                    ));
+                }
+                _ => {}
+            }
+            match (d.delivery, &d.webhook_url) {
+                (Delivery::Webhook, None) => {
+                    return bad(format!(
+                        "domain `{}`: delivery = \"webhook\" needs `webhook_url`",
+                        d.name
+                    ));
+                }
+                (Delivery::Webhook, Some(u)) => check_webhook_url(&d.name, u)?,
+                (Delivery::Stream, Some(_)) => {
+                    return bad(format!(
+                        "domain `{}`: `webhook_url` is only for delivery = \"webhook\"",
+                        d.name
+                    ));
+                }
+                (Delivery::Stream, None) => {}
+            }
+        }
+        for r in &self.federation {
+            for d in &r.between {
+                if !names.contains(&d.to_ascii_lowercase()) {
+                    return bad(format!(
+                        "federation rule names `{d}`, which is not a declared domain"
+                    ));
+                }
+            }
+        }
+        if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
+            return bad("http: give both `tls_cert` and `tls_key`, or neither".into());
+        }
+        if self.http.tls_cert.is_none()
+            && !self.http.allow_plaintext
+            && !self.http.listen.ip().is_loopback()
+        {
+            return bad(format!(
+                "http: listening on {} without TLS; set `tls_cert`/`tls_key`, or `allow_plaintext = true` behind a TLS-terminating proxy",
+                self.http.listen
+            ));
+        }
+        if self.http.max_body_bytes == 0
+            || self.http.webhook_batch == 0
+            || self.session.delivery_batch == 0
+        {
+            return bad("sizes and batch limits must be positive".into());
+        }
+        if let Some(e) = &self.telemetry.otlp_endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            return bad("telemetry.otlp_endpoint must be an http:// or https:// URL".into());
+        }
+        Ok(())
+    }
+
+    /// Reads every domain's secret (from the config or its file).
+    pub fn secrets(&self) -> Result<HashMap<String, Vec<u8>>, ConfigError> {
+        self.domains
+            .iter()
+            .map(|d| {
+                let s = match (&d.secret, &d.secret_file) {
+                    (Some(s), _) => s.clone().into_bytes(),
+                    (None, Some(p)) => {
+                        let raw = std::fs::read(p).map_err(|source| ConfigError::Read {
+                            path: p.clone(),
+                            source,
+                        })?;
+                        let trimmed = raw.trim_ascii_end().to_vec();
+                        if trimmed.len() < 16 {
+                            return Err(ConfigError::Invalid(format!(
+                                "domain `{}`: secret in {} is shorter than 16 bytes",
+                                d.name,
+                                p.display()
+                            )));
+                        }
+                        trimmed
+                    }
+                    (None, None) => {
+                        return Err(ConfigError::Invalid(format!(
+                            "domain `{}` has no secret",
+                            d.name
+                        )));
+                    }
+                };
+                Ok((d.name.to_ascii_lowercase(), s))
+            })
+            .collect()
+    }
+
+    pub fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "node-1".into())
+        })
+    }
+}
+
+fn valid_domain(d: &str) -> bool {
+    !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+        })
+}
+
+/// Webhooks go out over HTTPS; plain HTTP only to this machine (local sinks, tests).
+fn check_webhook_url(domain: &str, url: &str) -> Result<(), ConfigError> {
+    let bad = || {
+        ConfigError::Invalid(format!(
+            "domain `{domain}`: webhook_url must be https://, or http:// to a loopback address"
+        ))
+    };
+    if url.starts_with("https://") {
+        return Ok(());
+    }
+    let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|c| c.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback { Ok(()) } else { Err(bad()) }
+}
+
+/// Applies `FEDRELAY_A__B=v` as `a.b = v`.
+fn apply_env(
+    root: &mut toml::Table,
+    env: impl Iterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (k, v) in env {
+        let Some(path) = k.strip_prefix("FEDRELAY_") else {
+            continue;
+        };
+        let parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        if parts.iter().any(String::is_empty) {
+            return Err(ConfigError::Invalid(format!(
+                "environment override `{k}` has an empty part"
+            )));
+        }
+        let value = toml::from_str::<toml::Table>(&format!("v = {v}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(v));
+        let mut table = &mut *root;
+        for p in &parts[..parts.len() - 1] {
+            let entry = table
+                .entry(p.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = entry.as_table_mut().ok_or_else(|| {
+                ConfigError::Invalid(format!("environment override `{k}`: `{p}` is not a table"))
+            })?;
+        }
+        if let Some(last) = parts.last() {
+            table.insert(last.clone(), value);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+node_id = "n1"
+[store]
+backend = "memory"
+[[domains]]
+name = "a.example"
+platform = "http"
+secret = "0123456789abcdef"
+[[domains]]
+name = "b.example"
+platform = "http"
+secret = "0123456789abcdef"
+delivery = "webhook"
+webhook_url = "http://127.0.0.1:9999/hook"
+[[federation]]
+between = ["a.example", "b.example"]
+"#;
+
+    fn load(extra: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(&format!("{BASE}{extra}"), std::iter::empty())
+    }
+
+    #[test]
+    fn base_config_loads() -> Result<(), ConfigError> {
+        let c = load("")?;
+        assert_eq!(c.domains.len(), 2);
+        assert_eq!(c.store.backend, StoreBackend::Memory);
+        assert_eq!(c.http.max_body_bytes, 65536);
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = load("[http]\nlisten = \"127.0.0.1:1\"\nlisten_typo = 1\n");
+        assert!(matches!(e, Err(ConfigError::Parse(m)) if m.contains("listen_typo")));
+        let e = Config::from_toml("nodeid = \"x\"", std::iter::empty());
+        assert!(e.is_err());
+    }
+
+    #[test]
+    fn environment_overrides_apply() -> Result<(), ConfigError> {
+        let env = vec![
+            (
+                "FEDRELAY_STORE__REDIS_URL".to_string(),
+                "redis://r:1".to_string(),
+            ),
+            (
+                "FEDRELAY_HTTP__MAX_BODY_BYTES".to_string(),
+                "1024".to_string(),
+            ),
+            ("FEDRELAY_NODE_ID".to_string(), "n9".to_string()),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let c = Config::from_toml(BASE, env.into_iter())?;
+        assert_eq!(c.store.redis_url, "redis://r:1");
+        assert_eq!(c.http.max_body_bytes, 1024);
+        assert_eq!(c.node_id(), "n9");
+        let bad = vec![("FEDRELAY_HTTP__NOPE".to_string(), "1".to_string())];
+        assert!(Config::from_toml(BASE, bad.into_iter()).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn invalid_configs_are_refused() {
+        for (extra, why) in [
+            (
+                "[[federation]]\nbetween = [\"a.example\", \"c.example\"]\n",
+                "not a declared domain",
+            ),
+            (
+                "[[domains]]\nname = \"a.example\"\nplatform = \"http\"\nsecret = \"0123456789abcdef\"\n",
+                "twice",
+            ),
+            (
+                "[[domains]]\nname = \"c.example\"\nplatform = \"http\"\nsecret = \"short\"\n",
+                "16 bytes",
+            ),
+            (
+                "[[domains]]\nname = \"c.example\"\nplatform = \"http\"\nsecret = \"0123456789abcdef\"\ndelivery = \"webhook\"\nwebhook_url = \"http://example.com/x\"\n",
+                "loopback",
+            ),
+            ("[http]\nlisten = \"0.0.0.0:8080\"\n", "without TLS"),
+        ] {
+            match load(extra) {
+                Err(ConfigError::Invalid(m)) => assert!(m.contains(why), "{m}"),
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn dev_config_is_valid() {
+        assert!(Config::dev().validate().is_ok());
+    }
+}

@@ -1,0 +1,4 @@
+//! The control plane of a node: federation policy and the metadata log.
+
+pub mod metadata;
+pub mod policy;

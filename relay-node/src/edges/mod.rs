@@ -1,0 +1,32 @@
+//! Protocol edges. Each edge is a folder with its config, inbound and outbound halves and
+//! codec; an edge hands envelopes to an [`session_actor::Ingress`] and receives deliveries
+//! through [`Edges`], never seeing the cluster.
+
+pub mod http;
+
+use async_trait::async_trait;
+use fedrelay_proto::{Address, Envelope};
+use session_actor::{DeliveryError, Outbound};
+use std::sync::Arc;
+
+/// The node's [`Outbound`]: sends each delivery to the edge of the recipient's platform.
+pub struct Edges {
+    pub http: Arc<http::HttpOutbound>,
+}
+
+#[async_trait]
+impl Outbound for Edges {
+    async fn deliver(
+        &self,
+        recipient: &Address,
+        batch: &[Arc<Envelope>],
+    ) -> Result<Vec<Option<String>>, DeliveryError> {
+        match recipient.platform.as_str() {
+            "http" => self.http.deliver(recipient, batch).await,
+            other => Err(DeliveryError::permanent(
+                "no_edge",
+                format!("no edge serves platform {other}"),
+            )),
+        }
+    }
+}
