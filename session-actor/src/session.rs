@@ -607,6 +607,7 @@ impl SessionState {
                 let done = *delivered;
                 let fresh: Vec<Arc<Envelope>> =
                     batch.iter().filter(|e| e.seq > done).cloned().collect();
+                let skipped = batch.len() - fresh.len();
                 let result = if fresh.is_empty() {
                     Ok(Vec::new())
                 } else {
@@ -627,6 +628,10 @@ impl SessionState {
                     })
                 };
                 drop(delivered);
+                match &result {
+                    Ok(_) => debug!(first_seq = first, skipped, "delivered"),
+                    Err(e) => debug!(code = %e.code, retryable = e.retryable, "delivery failed"),
+                }
                 let _ = myself.cast(SessionMsg::Delivered {
                     generation,
                     key,

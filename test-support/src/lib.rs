@@ -177,3 +177,152 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf> {
         )
     }
 }
+
+/// A `relay-node` process of its own, on free ports, with its output captured to files.
+pub struct RelayNode {
+    child: Option<Child>,
+    pub http_port: u16,
+    pub admin_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RelayNode {
+    /// Starts `relay-node --config` with `config` (TOML). The strings `{HTTP_PORT}` and
+    /// `{ADMIN_PORT}` in it are replaced by free ports. Waits until `/readyz` answers 200.
+    pub fn start(config: &str) -> Result<Self> {
+        Self::start_with_env(config, &[])
+    }
+
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut node = Self {
+            child: None,
+            http_port: free_port()?,
+            admin_port: free_port()?,
+            dir,
+        };
+        let text = config
+            .replace("{HTTP_PORT}", &node.http_port.to_string())
+            .replace("{ADMIN_PORT}", &node.admin_port.to_string());
+        std::fs::write(node.config_path(), text)?;
+        node.spawn(env)?;
+        Ok(node)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("relay.toml")
+    }
+
+    /// Everything the process wrote to stdout and stderr so far.
+    pub fn output(&self) -> Result<String> {
+        let mut s = std::fs::read_to_string(self.dir.path().join("stdout.log"))?;
+        s.push_str(&std::fs::read_to_string(
+            self.dir.path().join("stderr.log"),
+        )?);
+        Ok(s)
+    }
+
+    fn spawn(&mut self, env: &[(&str, &str)]) -> Result<()> {
+        let bin = workspace_binary("relay-node")?;
+        let stdout = std::fs::File::create(self.dir.path().join("stdout.log"))?;
+        let stderr = std::fs::File::create(self.dir.path().join("stderr.log"))?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--config")
+            .arg(self.config_path())
+            .env_remove("RUST_LOG")
+            .stdout(stdout)
+            .stderr(stderr);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().context("starting relay-node")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "relay-node exited with {status}: {}",
+                    self.output().unwrap_or_default()
+                );
+            }
+            if http_get_status(self.admin_port, "/readyz") == Some(200) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                bail!(
+                    "relay-node not ready within 20s: {}",
+                    self.output().unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("relay-node is not running");
+        };
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM failed");
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                bail!("relay-node did not exit within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for RelayNode {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The status of a plain `GET` on 127.0.0.1, or `None` when nothing answers.
+pub fn http_get_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    let head = std::str::from_utf8(&buf[..n]).ok()?;
+    head.split_whitespace().nth(1)?.parse().ok()
+}

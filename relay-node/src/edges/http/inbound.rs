@@ -204,6 +204,7 @@ async fn handle_event(s: &Inbound, headers: HeaderMap, body: Body) -> Response {
             span.record("session_id", field::display(&acc.session_id));
             span.record("relay_msg_id", acc.relay_msg_id.as_str());
             span.record("seq", acc.seq);
+            debug!(duplicate = acc.duplicate, "event accepted");
             let body = serde_json::json!({
                 "relay_msg_id": acc.relay_msg_id,
                 "session_id": acc.session_id.to_hex(),

@@ -1,0 +1,150 @@
+//! What survives what: Redis going away and coming back, and a SIGTERM under load.
+
+mod common;
+
+use anyhow::{Result, ensure};
+use common::*;
+use std::collections::HashSet;
+use std::time::Duration;
+use test_support::{RedisServer, RelayNode};
+
+const T: Duration = Duration::from_secs(15);
+
+#[tokio::test]
+async fn redis_killed_between_messages_then_restarted_loses_nothing_acked() -> Result<()> {
+    // AOF with fsync on every write: what Redis acknowledged survives a kill -9.
+    let mut redis = RedisServer::start_with(true)?;
+    let sink = Sink::start().await?;
+    let node = RelayNode::start(&config(&redis.url(), &sink.url, ""))?;
+    let c = client()?;
+    let base = node.http_url();
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        let ev = message(
+            &format!("k{i}"),
+            "alice",
+            "bob@b.example",
+            &format!("before {i}"),
+        );
+        let (s, _) = post(&c, &base, "a.example", SECRET_A, &ev).await?;
+        ensure!(s == 202);
+        acked.push(format!("before {i}"));
+    }
+
+    redis.kill()?;
+    // While Redis is down, senders get a retryable error, never a false ack.
+    for i in 0..3 {
+        let ev = message(
+            &format!("down{i}"),
+            "alice",
+            "bob@b.example",
+            &format!("down {i}"),
+        );
+        let resp = c
+            .post(format!("{base}/v1/events"))
+            .header("content-type", "application/json")
+            .header("x-fedrelay-domain", "a.example")
+            .header("x-fedrelay-timestamp", now_secs().to_string())
+            .header(
+                "x-fedrelay-signature",
+                relay_node::edges::http::sign::sign(
+                    SECRET_A.as_bytes(),
+                    now_secs(),
+                    &serde_json::to_vec(&ev)?,
+                ),
+            )
+            .body(serde_json::to_vec(&ev)?)
+            .send()
+            .await?;
+        ensure!(
+            resp.status().as_u16() == 503,
+            "got {} while redis is down",
+            resp.status()
+        );
+        ensure!(resp.headers().contains_key("retry-after"));
+    }
+    ensure!(
+        test_support::http_get_status(node.admin_port, "/readyz") == Some(503),
+        "ready without redis"
+    );
+
+    redis.restart()?;
+    // The origin retries the refused events (same ids) until they are accepted.
+    for i in 0..3 {
+        let ev = message(
+            &format!("down{i}"),
+            "alice",
+            "bob@b.example",
+            &format!("down {i}"),
+        );
+        post_until_accepted(&c, &base, "a.example", SECRET_A, &ev, T).await?;
+        acked.push(format!("down {i}"));
+    }
+    for i in 0..3 {
+        let ev = message(
+            &format!("after{i}"),
+            "alice",
+            "bob@b.example",
+            &format!("after {i}"),
+        );
+        post_until_accepted(&c, &base, "a.example", SECRET_A, &ev, T).await?;
+        acked.push(format!("after {i}"));
+    }
+
+    // Everything acknowledged reaches bob once, in order.
+    let mut stream = Stream::open(&c, &base, "b.example", SECRET_B, None).await?;
+    let mut got = Vec::new();
+    let mut seqs = Vec::new();
+    while got.len() < acked.len() {
+        let ev = stream.next(T).await?;
+        got.push(ev.data["text"].as_str().unwrap_or_default().to_string());
+        seqs.push(ev.data["seq"].as_u64().unwrap_or(0));
+    }
+    stream.expect_none(Duration::from_millis(300)).await?;
+    ensure!(got == acked, "bob saw {got:?}");
+    ensure!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "out of order: {seqs:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_work_and_exits_zero() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let sink = Sink::start().await?;
+    // Slow webhook: deliveries are still in flight when SIGTERM arrives.
+    if let Ok(mut d) = sink.delay.lock() {
+        *d = Duration::from_millis(200);
+    }
+    let mut node = RelayNode::start(&config(&redis.url(), &sink.url, ""))?;
+    let c = client()?;
+    let base = node.http_url();
+    let mut sent = HashSet::new();
+    for i in 0..20 {
+        let ev = message(
+            &format!("s{i}"),
+            &format!("u{i}"),
+            "carol@c.example",
+            &format!("m{i}"),
+        );
+        let (s, _) = post(&c, &base, "a.example", SECRET_A, &ev).await?;
+        ensure!(s == 202);
+        sent.insert(format!("m{i}"));
+    }
+    // The webhook sink runs on this runtime: wait for the exit off its threads.
+    let status = tokio::task::block_in_place(|| node.terminate(Duration::from_secs(20)));
+    let status =
+        status.map_err(|e| anyhow::anyhow!("{e}: {}", node.output().unwrap_or_default()))?;
+    ensure!(status.success(), "exit status {status}");
+    // Every acknowledged message was delivered before the process exited.
+    let got: HashSet<String> = sink
+        .received()
+        .iter()
+        .filter_map(|e| e["text"].as_str().map(String::from))
+        .collect();
+    ensure!(got == sent, "delivered {} of {}", got.len(), sent.len());
+    // And nothing listens any more.
+    ensure!(test_support::http_get_status(node.http_port, "/openapi.json").is_none());
+    Ok(())
+}
