@@ -494,6 +494,32 @@ pub fn render(env: &Envelope, recipient: &Address) -> Result<Vec<u8>, serde_json
     serde_json::to_vec(&ev)
 }
 
+/// Everything the edge does with an untrusted body once its signature checks out — parse,
+/// validate, build the envelope, render it back — plus signature checking of arbitrary
+/// headers. The fuzz target calls it; it must never panic. Returns whether the body made a
+/// valid envelope, so tests can tell deep inputs from shallow ones.
+pub fn fuzz_event(data: &[u8]) -> bool {
+    // Arbitrary header values against the signature checker.
+    let (head, body) = data.split_at(data.len().min(48));
+    let head = String::from_utf8_lossy(head);
+    let mut parts = head.splitn(2, '\n');
+    let ts = parts.next().unwrap_or("");
+    let sig = parts.next().unwrap_or("");
+    let _ = super::sign::verify(b"0123456789abcdef", ts, sig, body, 1_000, 300);
+
+    let Ok(ev) = serde_json::from_slice::<InboundEvent>(data) else {
+        return false;
+    };
+    let Ok((user, domain)) = parse_to(&ev.to) else {
+        return false;
+    };
+    let recipient = Address::new("http", domain, user);
+    match to_envelope(ev, "fuzz.example", recipient.clone(), 1) {
+        Ok(env) => render(&env, &recipient).is_ok(),
+        Err(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
