@@ -47,6 +47,8 @@ pub struct Config {
     #[serde(default)]
     pub shutdown: ShutdownConfig,
     #[serde(default)]
+    pub runtime: RuntimeConfig,
+    #[serde(default)]
     pub domains: Vec<DomainConfig>,
     #[serde(default)]
     pub federation: Vec<FederationRule>,
@@ -236,6 +238,15 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// The async runtime.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads; 0 means one per CPU core. On a machine shared with Redis or other
+    /// busy processes, fewer workers than cores means fewer cross-thread wake-ups.
+    pub worker_threads: usize,
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Platform {
@@ -285,6 +296,37 @@ pub struct FederationRule {
     pub between: [String; 2],
 }
 
+/// `relay-node --dev`: one node, in-memory store, the HTTP edge on localhost with two demo
+/// domains that may talk to each other. The secrets are public: never use them elsewhere.
+pub const DEV_CONFIG: &str = r#"
+node_id = "dev-1"
+
+[http]
+listen = "127.0.0.1:8080"
+
+[admin]
+listen = "127.0.0.1:9090"
+
+[store]
+backend = "memory"
+
+[telemetry]
+log_format = "text"
+
+[[domains]]
+name = "alpha.example"
+platform = "http"
+secret = "alpha-demo-secret-0123456789"
+
+[[domains]]
+name = "beta.example"
+platform = "http"
+secret = "beta-demo-secret-0123456789"
+
+[[federation]]
+between = ["alpha.example", "beta.example"]
+"#;
+
 // === loading ===
 
 impl Config {
@@ -314,40 +356,10 @@ impl Config {
         Ok(cfg)
     }
 
-    /// The embedded default of `relay-node --dev`: one node, in-memory store, the HTTP edge on
-    /// localhost with two demo domains that may talk to each other.
-    pub fn dev() -> Self {
-        let demo = |name: &str, secret: &str| DomainConfig {
-            name: name.into(),
-            platform: Platform::Http,
-            secret: Some(secret.into()),
-            secret_file: None,
-            delivery: Delivery::Stream,
-            webhook_url: None,
-        };
-        Config {
-            node_id: Some("dev-1".into()),
-            http: HttpConfig::default(),
-            admin: AdminConfig::default(),
-            store: StoreConfig {
-                backend: StoreBackend::Memory,
-                ..StoreConfig::default()
-            },
-            session: SessionTuning::default(),
-            telemetry: TelemetryConfig {
-                log_format: LogFormat::Text,
-                ..TelemetryConfig::default()
-            },
-            metadata: MetadataConfig::default(),
-            shutdown: ShutdownConfig::default(),
-            domains: vec![
-                demo("alpha.example", "alpha-demo-secret-0123456789"),
-                demo("beta.example", "beta-demo-secret-0123456789"),
-            ],
-            federation: vec![FederationRule {
-                between: ["alpha.example".into(), "beta.example".into()],
-            }],
-        }
+    /// The embedded default of `relay-node --dev` ([`DEV_CONFIG`]), with `FEDRELAY_*`
+    /// overrides from `env` (to move its ports, say).
+    pub fn dev(env: impl Iterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        Self::from_toml(DEV_CONFIG, env)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -644,7 +656,15 @@ between = ["a.example", "b.example"]
     }
 
     #[test]
-    fn dev_config_is_valid() {
-        assert!(Config::dev().validate().is_ok());
+    fn dev_config_is_valid_and_movable() -> Result<(), ConfigError> {
+        let c = Config::dev(std::iter::empty())?;
+        assert_eq!(c.store.backend, StoreBackend::Memory);
+        assert_eq!(c.domains.len(), 2);
+        let moved = Config::dev(std::iter::once((
+            "FEDRELAY_HTTP__LISTEN".to_string(),
+            "127.0.0.1:1".to_string(),
+        )))?;
+        assert_eq!(moved.http.listen.port(), 1);
+        Ok(())
     }
 }

@@ -76,6 +76,8 @@ impl TlsListener {
                         continue;
                     }
                 };
+                // Small writes (event-stream lines, short answers) go out at once.
+                let _ = stream.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let ready = tx.clone();
                 tokio::spawn(async move {
@@ -135,6 +137,14 @@ pub async fn serve(
                 .with_graceful_shutdown(signal)
                 .await
         }
-        None => axum::serve(tcp, app).with_graceful_shutdown(signal).await,
+        None => {
+            use axum::serve::ListenerExt;
+            let listener = tcp.tap_io(|io| {
+                let _ = io.set_nodelay(true);
+            });
+            axum::serve(listener, app)
+                .with_graceful_shutdown(signal)
+                .await
+        }
     }
 }

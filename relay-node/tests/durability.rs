@@ -133,10 +133,18 @@ async fn sigterm_finishes_in_flight_work_and_exits_zero() -> Result<()> {
         sent.insert(format!("m{i}"));
     }
     // The webhook sink runs on this runtime: wait for the exit off its threads.
+    let asked = std::time::Instant::now();
     let status = tokio::task::block_in_place(|| node.terminate(Duration::from_secs(20)));
     let status =
         status.map_err(|e| anyhow::anyhow!("{e}: {}", node.output().unwrap_or_default()))?;
     ensure!(status.success(), "exit status {status}");
+    // Draining ends when the work is done, not at the deadline (20 s by default).
+    let took = asked.elapsed();
+    ensure!(
+        took < Duration::from_secs(10),
+        "exit took {took:?}: {}",
+        node.output()?
+    );
     // Every acknowledged message was delivered before the process exited.
     let got: HashSet<String> = sink
         .received()
@@ -144,6 +152,17 @@ async fn sigterm_finishes_in_flight_work_and_exits_zero() -> Result<()> {
         .filter_map(|e| e["text"].as_str().map(String::from))
         .collect();
     ensure!(got == sent, "delivered {} of {}", got.len(), sent.len());
+    // The metadata log was flushed before exit: one `im` entry per message.
+    let log = metadata_entries(&redis.url()).await?;
+    let im = log
+        .iter()
+        .filter(|e| e.get("category").map(String::as_str) == Some("im"))
+        .count();
+    ensure!(
+        im == sent.len(),
+        "{im} metadata entries for {} messages",
+        sent.len()
+    );
     // And nothing listens any more.
     ensure!(test_support::http_get_status(node.http_port, "/openapi.json").is_none());
     Ok(())

@@ -122,6 +122,19 @@ async fn messages_flow_both_ways_over_the_stream_and_resume_after_reconnect() ->
         ensure!(ev.data["text"] == format!("n{i}"), "got {}", ev.data);
     }
     resumed.expect_none(Duration::from_millis(300)).await?;
+    // `$` starts with the next new event, skipping everything kept.
+    let mut tail = Stream::open(&c, &base, "b.example", SECRET_B, Some("$")).await?;
+    let (s, _) = post(
+        &c,
+        &base,
+        "a.example",
+        SECRET_A,
+        &message("e6", "alice", "bob@b.example", "newest"),
+    )
+    .await?;
+    ensure!(s == 202);
+    ensure!(tail.next(T).await?.data["text"] == "newest");
+    ensure!(resumed.next(T).await?.data["text"] == "newest");
 
     let doc: serde_json::Value = c
         .get(format!("{base}/openapi.json"))

@@ -663,9 +663,8 @@ impl SessionState {
             Ok(natives) => {
                 r.attempts = 0;
                 r.isolate = false;
-                for (i, native) in
-                    (0..count).zip(natives.into_iter().chain(std::iter::repeat(None)))
-                {
+                let natives = natives.into_iter().chain(std::iter::repeat(None));
+                for native in natives.take(count) {
                     let Some(env) = r.queue.pop_front() else {
                         break;
                     };
@@ -681,7 +680,6 @@ impl SessionState {
                             seq: env.seq,
                         });
                     }
-                    let _ = i;
                 }
                 metrics::counter!("fedrelay_deliveries_total", "outcome" => "delivered")
                     .increment(count as u64);

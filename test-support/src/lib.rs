@@ -205,7 +205,27 @@ impl RelayNode {
             .replace("{HTTP_PORT}", &node.http_port.to_string())
             .replace("{ADMIN_PORT}", &node.admin_port.to_string());
         std::fs::write(node.config_path(), text)?;
-        node.spawn(env)?;
+        node.spawn(false, env)?;
+        Ok(node)
+    }
+
+    /// Starts `relay-node --dev` (the embedded default), moved to free ports.
+    pub fn start_dev() -> Result<Self> {
+        let mut node = Self {
+            child: None,
+            http_port: free_port()?,
+            admin_port: free_port()?,
+            dir: tempfile::tempdir()?,
+        };
+        let http = format!("127.0.0.1:{}", node.http_port);
+        let admin = format!("127.0.0.1:{}", node.admin_port);
+        node.spawn(
+            true,
+            &[
+                ("FEDRELAY_HTTP__LISTEN", http.as_str()),
+                ("FEDRELAY_ADMIN__LISTEN", admin.as_str()),
+            ],
+        )?;
         Ok(node)
     }
 
@@ -222,16 +242,17 @@ impl RelayNode {
         Ok(s)
     }
 
-    fn spawn(&mut self, env: &[(&str, &str)]) -> Result<()> {
+    fn spawn(&mut self, dev: bool, env: &[(&str, &str)]) -> Result<()> {
         let bin = workspace_binary("relay-node")?;
         let stdout = std::fs::File::create(self.dir.path().join("stdout.log"))?;
         let stderr = std::fs::File::create(self.dir.path().join("stderr.log"))?;
         let mut cmd = Command::new(bin);
-        cmd.arg("--config")
-            .arg(self.config_path())
-            .env_remove("RUST_LOG")
-            .stdout(stdout)
-            .stderr(stderr);
+        if dev {
+            cmd.arg("--dev");
+        } else {
+            cmd.arg("--config").arg(self.config_path());
+        }
+        cmd.env_remove("RUST_LOG").stdout(stdout).stderr(stderr);
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -125,6 +125,8 @@ async fn run(backend: Backend, mut rx: mpsc::UnboundedReceiver<Item>, capacity: 
                     }
                 }
             }
+            // A flush request may arrive with no entries: nothing to write.
+            Backend::Redis { .. } if batch.is_empty() => {}
             Backend::Redis {
                 conn,
                 prefix,

@@ -76,7 +76,7 @@ mod tests {
 
     #[test]
     fn only_federated_pairs_pass() -> Result<(), Box<dyn std::error::Error>> {
-        let mut cfg = Config::dev();
+        let mut cfg = Config::dev(std::iter::empty())?;
         cfg.domains.push(crate::config::DomainConfig {
             name: "gamma.example".into(),
             platform: Platform::Http,

@@ -40,6 +40,10 @@ pub trait Outbox: Send + Sync + 'static {
         max: usize,
     ) -> Result<Vec<OutboxEvent>, StoreError>;
 
+    /// The id of the newest event kept (`0-0` when none), for receivers that want only what
+    /// comes next.
+    async fn last_id(&self, domain: &str) -> Result<String, StoreError>;
+
     /// Woken whenever this process pushes to `domain`. Readers also poll, for pushes made by
     /// other nodes.
     fn notifier(&self, domain: &str) -> Arc<Notify>;
@@ -144,6 +148,14 @@ impl Outbox for MemoryOutbox {
             .collect())
     }
 
+    async fn last_id(&self, domain: &str) -> Result<String, StoreError> {
+        let all = self
+            .domains
+            .lock()
+            .map_err(|_| StoreError::Unavailable("outbox poisoned".into()))?;
+        Ok(format!("0-{}", all.get(domain).map_or(0, |d| d.next_id)))
+    }
+
     fn notifier(&self, domain: &str) -> Arc<Notify> {
         self.signals.get(domain)
     }
@@ -226,6 +238,21 @@ impl Outbox for RedisOutbox {
             .collect())
     }
 
+    async fn last_id(&self, domain: &str) -> Result<String, StoreError> {
+        let last: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XREVRANGE")
+            .arg(self.key(domain))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(last
+            .into_iter()
+            .next()
+            .map_or_else(|| "0-0".to_string(), |(id, _)| id))
+    }
+
     fn notifier(&self, domain: &str) -> Arc<Notify> {
         self.signals.get(domain)
     }
@@ -271,6 +298,12 @@ mod tests {
         assert_eq!(after_first, all[1..].to_vec());
         assert!(o.read_after("d", Some(&all[2].id), 10).await?.is_empty());
         assert!(o.read_after("other", None, 10).await?.is_empty());
+        // "Only what comes next" starts after the newest event.
+        let tail = o.last_id("d").await?;
+        assert!(o.read_after("d", Some(&tail), 10).await?.is_empty());
+        o.push("d", &[item(3, 1)]).await?;
+        assert_eq!(o.read_after("d", Some(&tail), 10).await?.len(), 1);
+        assert_eq!(o.last_id("empty").await?, "0-0");
         Ok(())
     }
 

@@ -267,13 +267,27 @@ async fn stream(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
         .or(q.after);
-    if after.as_deref().is_some_and(|a| !valid_event_id(a)) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "Last-Event-ID / after must be an event id from this stream",
-        );
-    }
+    let after = match after.as_deref() {
+        // `$`: only events from now on.
+        Some("$") => match s.outbox.last_id(&domain.name).await {
+            Ok(id) => Some(id),
+            Err(_) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "event store unavailable; retry later",
+                );
+            }
+        },
+        Some(a) if !valid_event_id(a) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "Last-Event-ID / after must be an event id from this stream, or $",
+            );
+        }
+        _ => after,
+    };
     debug!(domain = %domain.name, "event stream opened");
     metrics::gauge!("fedrelay_http_streams_open").increment(1.0);
     let state = StreamState {

@@ -50,7 +50,7 @@ pub fn document() -> Value {
                         {"name": "Last-Event-ID", "in": "header", "required": false, "schema": {"type": "string"},
                          "description": "Resume after this event id."},
                         {"name": "after", "in": "query", "required": false, "schema": {"type": "string"},
-                         "description": "Resume after this event id (for clients that cannot set headers)."}
+                         "description": "Resume after this event id (for clients that cannot set headers); `$` for only new events."}
                     ],
                     "responses": {
                         "200": {"description": "An endless event stream; each `data:` is an OutboundEvent.",
