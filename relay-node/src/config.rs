@@ -535,6 +535,10 @@ fn apply_env(
         let Some(path) = k.strip_prefix("FEDRELAY_") else {
             continue;
         };
+        // FEDRELAY_CONFIG names the file itself (`--config`), not a key in it.
+        if path == "CONFIG" {
+            continue;
+        }
         let parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
         if parts.iter().any(String::is_empty) {
             return Err(ConfigError::Invalid(format!(
@@ -617,6 +621,10 @@ between = ["a.example", "b.example"]
             ),
             ("FEDRELAY_NODE_ID".to_string(), "n9".to_string()),
             ("UNRELATED".to_string(), "x".to_string()),
+            (
+                "FEDRELAY_CONFIG".to_string(),
+                "/etc/fedrelay/relay.toml".to_string(),
+            ),
         ];
         let c = Config::from_toml(BASE, env.into_iter())?;
         assert_eq!(c.store.redis_url, "redis://r:1");

@@ -40,22 +40,18 @@ async fn redis_killed_between_messages_then_restarted_loses_nothing_acked() -> R
             "bob@b.example",
             &format!("down {i}"),
         );
-        let resp = c
-            .post(format!("{base}/v1/events"))
-            .header("content-type", "application/json")
-            .header("x-fedrelay-domain", "a.example")
-            .header("x-fedrelay-timestamp", now_secs().to_string())
-            .header(
-                "x-fedrelay-signature",
-                relay_node::edges::http::sign::sign(
-                    SECRET_A.as_bytes(),
-                    now_secs(),
-                    &serde_json::to_vec(&ev)?,
-                ),
-            )
-            .body(serde_json::to_vec(&ev)?)
-            .send()
-            .await?;
+        let body = serde_json::to_vec(&ev)?;
+        let resp = signed_request(
+            &c,
+            &base,
+            "a.example",
+            SECRET_A,
+            now_secs(),
+            &body,
+            "application/json",
+        )
+        .send()
+        .await?;
         ensure!(
             resp.status().as_u16() == 503,
             "got {} while redis is down",

@@ -312,7 +312,7 @@ async fn bad_input_gets_a_clear_4xx_and_nothing_is_enqueued() -> Result<()> {
             "not json",
             415,
             "unsupported_media_type",
-            signed_as(&c, &base, "a.example", SECRET_A, now, &good, "text/plain"),
+            signed_request(&c, &base, "a.example", SECRET_A, now, &good, "text/plain"),
         ),
         (
             "not federated",
@@ -423,27 +423,7 @@ fn signed(
     ts: i64,
     body: &[u8],
 ) -> reqwest::RequestBuilder {
-    signed_as(c, base, domain, secret, ts, body, "application/json")
-}
-
-fn signed_as(
-    c: &reqwest::Client,
-    base: &str,
-    domain: &str,
-    secret: &str,
-    ts: i64,
-    body: &[u8],
-    content_type: &str,
-) -> reqwest::RequestBuilder {
-    c.post(format!("{base}/v1/events"))
-        .header("content-type", content_type)
-        .header("x-fedrelay-domain", domain)
-        .header("x-fedrelay-timestamp", ts.to_string())
-        .header(
-            "x-fedrelay-signature",
-            relay_node::edges::http::sign::sign(secret.as_bytes(), ts, body),
-        )
-        .body(body.to_vec())
+    signed_request(c, base, domain, secret, ts, body, "application/json")
 }
 
 #[tokio::test]

@@ -72,20 +72,18 @@ async fn spans_reach_the_collector_in_the_callers_trace_without_content() -> Res
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let body = serde_json::to_vec(&json!({"id": "o1", "type": "message", "from": "alice",
                                           "to": "bob@b.example", "text": CANARY}))?;
-    let ts = now_secs();
-    let resp = c
-        .post(format!("{base}/v1/events"))
-        .header("content-type", "application/json")
-        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
-        .header("x-fedrelay-domain", "a.example")
-        .header("x-fedrelay-timestamp", ts.to_string())
-        .header(
-            "x-fedrelay-signature",
-            relay_node::edges::http::sign::sign(SECRET_A.as_bytes(), ts, &body),
-        )
-        .body(body)
-        .send()
-        .await?;
+    let resp = signed_request(
+        &c,
+        &base,
+        "a.example",
+        SECRET_A,
+        now_secs(),
+        &body,
+        "application/json",
+    )
+    .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+    .send()
+    .await?;
     ensure!(resp.status().as_u16() == 202);
     stream.next(Duration::from_secs(10)).await?;
 

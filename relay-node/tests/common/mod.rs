@@ -77,6 +77,27 @@ pub fn client() -> Result<reqwest::Client> {
         .build()?)
 }
 
+/// A `POST /v1/events` of `body` with `content_type`, signed as `domain` at time `ts`.
+pub fn signed_request(
+    c: &reqwest::Client,
+    base: &str,
+    domain: &str,
+    secret: &str,
+    ts: i64,
+    body: &[u8],
+    content_type: &str,
+) -> reqwest::RequestBuilder {
+    c.post(format!("{base}/v1/events"))
+        .header("content-type", content_type)
+        .header("x-fedrelay-domain", domain)
+        .header("x-fedrelay-timestamp", ts.to_string())
+        .header(
+            "x-fedrelay-signature",
+            sign::sign(secret.as_bytes(), ts, body),
+        )
+        .body(body.to_vec())
+}
+
 /// POSTs `body` to `/v1/events` signed as `domain`; returns the status and JSON answer.
 pub async fn post_raw(
     c: &reqwest::Client,
@@ -86,16 +107,7 @@ pub async fn post_raw(
     ts: i64,
     body: &[u8],
 ) -> Result<(u16, Value)> {
-    let resp = c
-        .post(format!("{base}/v1/events"))
-        .header("content-type", "application/json")
-        .header("x-fedrelay-domain", domain)
-        .header("x-fedrelay-timestamp", ts.to_string())
-        .header(
-            "x-fedrelay-signature",
-            sign::sign(secret.as_bytes(), ts, body),
-        )
-        .body(body.to_vec())
+    let resp = signed_request(c, base, domain, secret, ts, body, "application/json")
         .send()
         .await?;
     let status = resp.status().as_u16();
