@@ -55,7 +55,7 @@ impl Default for SessionConfig {
             max_attempts: 10,
             max_attempts_ephemeral: 2,
             ack_flush_interval: Duration::from_millis(50),
-            id_cache: 1024,
+            id_cache: 64,
         }
     }
 }

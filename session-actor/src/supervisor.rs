@@ -124,22 +124,27 @@ impl Actor for SessionSupervisor {
             }
             SupervisorMsg::Drain(reply) => {
                 state.draining = true;
-                let mut owed = 0;
+                // Ask every session at once: each flushes its progress to the store.
+                let mut restarting = 0;
+                let mut asks = Vec::with_capacity(state.slots.len());
                 for slot in state.slots.values() {
                     match slot {
                         Slot::Running(a) | Slot::Stopping { actor: a, .. } => {
-                            match a
-                                .call(SessionMsg::Drain, Some(Duration::from_secs(5)))
-                                .await
-                            {
-                                Ok(ractor::rpc::CallResult::Success(n)) => owed += n,
-                                _ => owed += 1,
-                            }
+                            asks.push(a.call(SessionMsg::Drain, Some(Duration::from_secs(5))));
                         }
-                        Slot::Restarting { .. } => owed += 1,
+                        Slot::Restarting { .. } => restarting += 1,
                     }
                 }
-                let _ = reply.send(owed);
+                let owed: usize = futures::future::join_all(asks)
+                    .await
+                    .into_iter()
+                    .map(|r| match r {
+                        Ok(ractor::rpc::CallResult::Success(n)) => n,
+                        // No answer: count it as owing, so draining goes on.
+                        _ => 1,
+                    })
+                    .sum();
+                let _ = reply.send(owed + restarting);
             }
             SupervisorMsg::Stats(reply) => {
                 let _ = reply.send(SupervisorStats {
