@@ -71,7 +71,7 @@ fn run() -> anyhow::Result<()> {
     runtime.block_on(async move {
         let _telemetry = telemetry::init(&cfg.telemetry)?;
         let metrics = admin::install_metrics()?;
-        node::run(cfg, metrics, shutdown_signal(), |_| {}).await
+        node::run(cfg, metrics, shutdown_signal()).await
     })
 }
 

@@ -19,7 +19,6 @@ use session_actor::store::{
 };
 use session_actor::{MetadataSink, SessionDeps, SessionStore, SupervisorHandle};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -27,19 +26,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-/// Where a running node listens (the config may ask for port 0).
-#[derive(Debug, Clone, Copy)]
-pub struct Bound {
-    pub http: SocketAddr,
-    pub admin: SocketAddr,
-}
-
 /// Runs a node until `shutdown` resolves, then drains and returns.
 pub async fn run(
     cfg: Config,
     metrics: PrometheusHandle,
     shutdown: impl Future<Output = ()>,
-    on_bound: impl FnOnce(Bound),
 ) -> anyhow::Result<()> {
     let node_id = cfg.node_id();
     let (store, outbox, metadata, metadata_task): (
@@ -117,10 +108,7 @@ pub async fn run(
     let admin_listener = TcpListener::bind(cfg.admin.listen)
         .await
         .with_context(|| format!("binding the admin listener to {}", cfg.admin.listen))?;
-    let bound = Bound {
-        http: http_listener.local_addr()?,
-        admin: admin_listener.local_addr()?,
-    };
+    let (http_addr, admin_addr) = (http_listener.local_addr()?, admin_listener.local_addr()?);
     let http_server = tokio::spawn(serve::serve(
         http_listener,
         tls.clone(),
@@ -136,13 +124,12 @@ pub async fn run(
     ));
     info!(
         node_id = %node_id,
-        http = %bound.http,
+        http = %http_addr,
         tls = tls.is_some(),
-        admin = %bound.admin,
+        admin = %admin_addr,
         store = ?cfg.store.backend,
         "relay node running"
     );
-    on_bound(bound);
 
     shutdown.await;
     let deadline = Instant::now() + Duration::from_secs(cfg.shutdown.drain_timeout_secs);

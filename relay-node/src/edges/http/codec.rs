@@ -179,6 +179,12 @@ fn target_of(t: Option<Target>, domain: &str, kind: &str) -> Result<v1::MessageR
     }
 }
 
+/// Checks the fields every event has (`id`, `from`) before anything is recorded about it.
+pub fn check_envelope_fields(ev: &InboundEvent) -> Result<(), Invalid> {
+    check_id(&ev.id, "id")?;
+    check_user(&ev.from, "from")
+}
+
 /// HTTP-edge native ids are scoped by domain, so two domains' `evt-1` never collide.
 pub fn native_id(domain: &str, event_id: &str) -> String {
     format!("{domain}:{event_id}")

@@ -163,6 +163,9 @@ async fn handle_event(s: &Inbound, headers: HeaderMap, body: Body) -> Response {
             );
         }
     };
+    if let Err(e) = codec::check_envelope_fields(&event) {
+        return error(StatusCode::BAD_REQUEST, "bad_request", e.0);
+    }
     let (user, to_domain) = match codec::parse_to(&event.to) {
         Ok(t) => t,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.0),

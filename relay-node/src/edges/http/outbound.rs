@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::debug;
 
 /// One rendered delivery.
-pub struct Item {
+struct Item {
     session_id: SessionId,
     seq: u64,
     payload: Vec<u8>,
