@@ -313,16 +313,33 @@ async fn cli_main(cli: Cli) -> Result<ExitCode> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Dropping the run future on Ctrl-C drops the embedded system, which kills its children.
+    // Dropping the run future on Ctrl-C or SIGTERM (a CI timeout, `kill`) drops the embedded
+    // system, which kills its children.
     let outcome = tokio::select! {
         r = cli_main(cli) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = interrupted() => Err(anyhow::anyhow!("interrupted")),
     };
     match outcome {
         Ok(code) => code,
         Err(e) => {
             eprintln!("relay-loadtest: {e:#}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }
