@@ -106,5 +106,9 @@ pub fn install_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus
         "metadata log entries, by category"
     );
     metrics::describe_gauge!("fedrelay_http_streams_open", "open HTTP-edge event streams");
+    metrics::describe_counter!(
+        "fedrelay_backpressure_total",
+        "messages refused because a recipient had too many undelivered"
+    );
     Ok(handle)
 }

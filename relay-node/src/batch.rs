@@ -4,6 +4,10 @@
 //! slot, then takes every job already queued (up to `max_items` items) and flushes them
 //! together. When the system is idle a job is flushed alone and at once; under load jobs pile up
 //! while the slots are busy and leave in large batches — no timer, no added delay.
+//!
+//! Jobs of different callers share a flush, so one caller's bad item must not fail the others:
+//! when a shared flush fails with an error `split` says may be about the content, each job is
+//! flushed again on its own.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -35,23 +39,27 @@ pub struct Stopped;
 
 impl<T, R, E> Batcher<T, R, E>
 where
-    T: Send + 'static,
+    T: Clone + Send + 'static,
     R: Send + 'static,
     E: Clone + Send + 'static,
 {
     /// `flush` gets a batch and returns one result per item, in order (or one error for all).
-    pub fn spawn<F, Fut>(max_items: usize, concurrency: usize, queue: usize, flush: F) -> Self
+    /// `split` says whether an error of a shared flush may be one job's fault (then each job is
+    /// flushed again alone); items are cloned only for flushes shared by several jobs.
+    pub fn spawn<F, Fut>(
+        max_items: usize,
+        concurrency: usize,
+        queue: usize,
+        split: fn(&E) -> bool,
+        flush: F,
+    ) -> Self
     where
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<R>, E>> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(queue.max(1));
-        tokio::spawn(run(
-            rx,
-            max_items.max(1),
-            concurrency.max(1),
-            Arc::new(flush),
-        ));
+        let (max_items, concurrency) = (max_items.max(1), concurrency.max(1));
+        tokio::spawn(run(rx, max_items, concurrency, split, Arc::new(flush)));
         Self { tx }
     }
 
@@ -69,9 +77,10 @@ async fn run<T, R, E, F, Fut>(
     mut rx: mpsc::Receiver<Job<T, R, E>>,
     max_items: usize,
     concurrency: usize,
+    split: fn(&E) -> bool,
     flush: Arc<F>,
 ) where
-    T: Send + 'static,
+    T: Clone + Send + 'static,
     R: Send + 'static,
     E: Clone + Send + 'static,
     F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
@@ -107,27 +116,52 @@ async fn run<T, R, E, F, Fut>(
         }
         let flush = flush.clone();
         tokio::spawn(async move {
-            let mut items = Vec::with_capacity(count);
-            let mut shape = Vec::with_capacity(jobs.len());
-            for j in jobs {
-                shape.push((j.items.len(), j.reply));
-                items.extend(j.items);
-            }
-            match flush(items).await {
-                Ok(results) => {
-                    let mut results = results.into_iter();
-                    for (n, reply) in shape {
-                        let _ = reply.send(Ok(results.by_ref().take(n).collect()));
-                    }
-                }
-                Err(e) => {
-                    for (_, reply) in shape {
-                        let _ = reply.send(Err(e.clone()));
-                    }
-                }
-            }
+            flush_jobs(jobs, count, split, flush.as_ref()).await;
             drop(permit);
         });
+    }
+}
+
+/// Flushes the jobs together, answering each caller with its own results.
+async fn flush_jobs<T, R, E, F, Fut>(
+    mut jobs: Vec<Job<T, R, E>>,
+    count: usize,
+    split: fn(&E) -> bool,
+    flush: &F,
+) where
+    T: Clone,
+    E: Clone,
+    F: Fn(Vec<T>) -> Fut,
+    Fut: Future<Output = Result<Vec<R>, E>>,
+{
+    if jobs.len() == 1 {
+        if let Some(job) = jobs.pop() {
+            let _ = job.reply.send(flush(job.items).await);
+        }
+        return;
+    }
+    let mut items = Vec::with_capacity(count);
+    for j in &jobs {
+        items.extend(j.items.iter().cloned());
+    }
+    match flush(items).await {
+        Ok(results) => {
+            let mut results = results.into_iter();
+            for j in jobs {
+                let n = j.items.len();
+                let _ = j.reply.send(Ok(results.by_ref().take(n).collect()));
+            }
+        }
+        Err(e) if split(&e) => {
+            for j in jobs {
+                let _ = j.reply.send(flush(j.items).await);
+            }
+        }
+        Err(e) => {
+            for j in jobs {
+                let _ = j.reply.send(Err(e.clone()));
+            }
+        }
     }
 }
 
@@ -141,23 +175,29 @@ mod tests {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let gate = Arc::new(tokio::sync::Notify::new());
         let (s, g) = (sizes.clone(), gate.clone());
-        let b: Batcher<u32, u32, String> = Batcher::spawn(100, 1, 1000, move |items: Vec<u32>| {
-            let (s, g) = (s.clone(), g.clone());
-            async move {
-                let first = s
-                    .lock()
-                    .map(|mut v| {
-                        v.push(items.len());
-                        v.len() == 1
-                    })
-                    .unwrap_or(false);
-                if first {
-                    // Hold the only slot so the next callers queue up.
-                    g.notified().await;
+        let b: Batcher<u32, u32, String> = Batcher::spawn(
+            100,
+            1,
+            1000,
+            |_| false,
+            move |items: Vec<u32>| {
+                let (s, g) = (s.clone(), g.clone());
+                async move {
+                    let first = s
+                        .lock()
+                        .map(|mut v| {
+                            v.push(items.len());
+                            v.len() == 1
+                        })
+                        .unwrap_or(false);
+                    if first {
+                        // Hold the only slot so the next callers queue up.
+                        g.notified().await;
+                    }
+                    Ok(items.iter().map(|i| i * 10).collect())
                 }
-                Ok(items.iter().map(|i| i * 10).collect())
-            }
-        });
+            },
+        );
         let first = tokio::spawn({
             let b = b.clone();
             async move { b.submit(vec![1]).await }
@@ -189,6 +229,69 @@ mod tests {
         }
         let sizes = sizes.lock().map(|v| v.clone()).unwrap_or_default();
         assert_eq!(sizes, vec![1, 10], "the five queued jobs left as one batch");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn one_jobs_bad_item_does_not_fail_the_others() -> Result<(), Stopped> {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (g, h) = (gate.clone(), held.clone());
+        // Fails the whole flush when it holds a 0; the first flush waits at the gate so the
+        // next three jobs share one flush.
+        let b: Batcher<u32, u32, String> = Batcher::spawn(
+            100,
+            1,
+            100,
+            |_| true,
+            move |items: Vec<u32>| {
+                let (g, h) = (g.clone(), h.clone());
+                async move {
+                    if !h.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        g.notified().await;
+                    }
+                    if items.contains(&0) {
+                        Err("bad item".to_string())
+                    } else {
+                        Ok(items)
+                    }
+                }
+            },
+        );
+        let first = tokio::spawn({
+            let b = b.clone();
+            async move { b.submit(vec![9]).await }
+        });
+        while !held.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::task::yield_now().await;
+        }
+        let jobs: Vec<_> = [vec![1, 2], vec![0], vec![3]]
+            .into_iter()
+            .map(|items| {
+                let b = b.clone();
+                tokio::spawn(async move { b.submit(items).await })
+            })
+            .collect();
+        while b.tx.capacity() > 100 - 3 {
+            tokio::task::yield_now().await;
+        }
+        gate.notify_one();
+        assert_eq!(
+            first.await.ok().and_then(|r| r.ok()).and_then(|r| r.ok()),
+            Some(vec![9])
+        );
+        let mut got = Vec::new();
+        for j in jobs {
+            got.push(j.await.ok().and_then(|r| r.ok()));
+        }
+        assert_eq!(
+            got,
+            vec![
+                Some(Ok(vec![1, 2])),
+                Some(Err("bad item".to_string())),
+                Some(Ok(vec![3]))
+            ]
+        );
         Ok(())
     }
 }

@@ -145,6 +145,7 @@ pub struct SessionTuning {
     pub retry_max_ms: u64,
     pub max_attempts: u32,
     pub ack_flush_ms: u64,
+    pub max_backlog: usize,
 }
 
 impl Default for SessionTuning {
@@ -157,6 +158,7 @@ impl Default for SessionTuning {
             retry_max_ms: d.retry_max.as_millis() as u64,
             max_attempts: d.max_attempts,
             ack_flush_ms: d.ack_flush_interval.as_millis() as u64,
+            max_backlog: d.max_backlog,
         }
     }
 }
@@ -170,6 +172,7 @@ impl SessionTuning {
             retry_max: Duration::from_millis(self.retry_max_ms),
             max_attempts: self.max_attempts,
             ack_flush_interval: Duration::from_millis(self.ack_flush_ms),
+            max_backlog: self.max_backlog,
             ..session_actor::SessionConfig::default()
         }
     }

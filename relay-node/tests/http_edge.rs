@@ -222,6 +222,20 @@ async fn webhooks_are_signed_retried_and_receipts_name_later_edits() -> Result<(
         "{}",
         got[4]
     );
+    // Carol reacts to alice's first message by her own id (from her receipt); alice's stream
+    // names it by alice's own event id: each HTTP domain keeps its own ids.
+    let mut to_a = Stream::open(&c, &base, "a.example", SECRET_A, None).await?;
+    let react = json!({"id": "cr1", "type": "reaction", "from": "carol", "to": "alice@a.example",
+                       "target": {"event_id": format!("native-{}", first["seq"])}, "emoji": "👀", "added": true});
+    let (s, r) = post(&c, &base, "c.example", SECRET_C, &react).await?;
+    ensure!(s == 202, "{s} {r}");
+    let ev = to_a.next(T).await?;
+    ensure!(
+        ev.data["target"]["relay_msg_id"] == first["relay_msg_id"],
+        "{}",
+        ev.data
+    );
+    ensure!(ev.data["target"]["event_id"] == "w1", "{}", ev.data);
     ensure!(
         sink.bad_signatures.lock().map(|b| *b).unwrap_or(1) == 0,
         "relay sent a bad signature"
@@ -365,6 +379,11 @@ async fn bad_input_gets_a_clear_4xx_and_nothing_is_enqueued() -> Result<()> {
             body["error"] == code && body["message"].as_str().is_some_and(|m| !m.is_empty()),
             "{what}: {body}"
         );
+    }
+    // A resume id that is not one the stream hands out is refused.
+    for bad in ["99999999999999999999-0", "1-x", "-1", "$$"] {
+        let r = Stream::open(&c, &base, "b.example", SECRET_B, Some(bad)).await;
+        ensure!(r.is_err(), "stream opened after {bad}");
     }
     // A body that lies about its length is cut off at the limit too.
     let resp = signed(&c, &base, "a.example", SECRET_A, now, &vec![b'x'; 10_000])

@@ -82,6 +82,16 @@ pub fn recipient_key(a: &Address) -> String {
     canonical(a)
 }
 
+/// The id space of an address's platform instance, `<platform>/<domain>`: native message ids
+/// are unique within it (two HTTP-edge domains, or two XMPP servers, may both use `42`).
+pub fn id_space(a: &Address) -> String {
+    format!(
+        "{}/{}",
+        a.platform.to_ascii_lowercase(),
+        a.domain.to_ascii_lowercase()
+    )
+}
+
 /// A fresh relay message id: a UUID v7, so ids sort by creation time.
 pub fn new_relay_msg_id() -> String {
     uuid::Uuid::now_v7().to_string()

@@ -17,6 +17,9 @@ pub struct DeliveryError {
     pub retryable: bool,
     /// A wait the recipient asked for (HTTP `Retry-After`), honoured over the backoff.
     pub retry_after: Option<Duration>,
+    /// The relay's own fault (its store unreachable, shutting down), not the recipient's: retried
+    /// for as long as it lasts, without using up the recipient's attempts.
+    pub internal: bool,
 }
 
 impl DeliveryError {
@@ -26,6 +29,18 @@ impl DeliveryError {
             detail: detail.into(),
             retryable: true,
             retry_after: None,
+            internal: false,
+        }
+    }
+
+    /// A failure on the relay's side; see [`DeliveryError::internal`].
+    pub fn internal(code: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            detail: detail.into(),
+            retryable: true,
+            retry_after: None,
+            internal: true,
         }
     }
 
@@ -35,6 +50,7 @@ impl DeliveryError {
             detail: detail.into(),
             retryable: false,
             retry_after: None,
+            internal: false,
         }
     }
 }

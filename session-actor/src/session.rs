@@ -8,7 +8,7 @@
 //! sender. Delivery cursors and native ids are written back lazily in one store call; the
 //! journal prefix every recipient has is trimmed then.
 
-use crate::ids::{new_relay_msg_id, recipient_key};
+use crate::ids::{id_space, new_relay_msg_id, recipient_key};
 use crate::metadata::{MetadataEntry, MetadataSink};
 use crate::outbound::{DeliveryError, Outbound};
 use crate::store::{AckUpdate, AppendOutcome, AppendRequest, NativeId, SessionStore};
@@ -43,6 +43,10 @@ pub struct SessionConfig {
     pub ack_flush_interval: Duration,
     /// Relay-id ⇄ native-id pairs a session keeps in memory (older ones are read from the store).
     pub id_cache: usize,
+    /// Undelivered envelopes one recipient may have waiting; past it, new messages to that
+    /// recipient are refused with a retryable error (back-pressure on the origin) instead of
+    /// growing memory and the journal without bound.
+    pub max_backlog: usize,
 }
 
 impl Default for SessionConfig {
@@ -56,6 +60,7 @@ impl Default for SessionConfig {
             max_attempts_ephemeral: 2,
             ack_flush_interval: Duration::from_millis(50),
             id_cache: 64,
+            max_backlog: 10_000,
         }
     }
 }
@@ -155,6 +160,13 @@ pub struct SessionState {
     /// Bumped on every (re)load, so results of delivery tasks started before are ignored.
     generation: u64,
     last_activity: Instant,
+    /// The in-memory view was dropped after a store error (or a load failed): a reload is
+    /// owed even if no message arrives, because the journal may hold undelivered messages.
+    reload_owed: bool,
+    reload_scheduled: bool,
+    reload_failures: u32,
+    /// Native ids learnt but not yet written when the view was dropped.
+    carry: Vec<NativeId>,
 }
 
 struct Loaded {
@@ -167,12 +179,16 @@ struct Loaded {
 
 struct Recipient {
     addr: Address,
+    /// The recipient platform instance's id space (see [`id_space`]).
+    space: String,
     /// Highest seq delivered to this recipient: anything at or below is never sent again.
     delivered: u64,
     queue: VecDeque<Arc<Envelope>>,
     /// Envelopes of the queue's front currently with the edge (0: none).
     in_flight: usize,
     attempts: u32,
+    /// Consecutive failures on the relay's own side (they grow the backoff, not `attempts`).
+    stalls: u32,
     waiting_retry: bool,
     /// After a permanent failure of a batch, send one envelope at a time to find the bad one.
     isolate: bool,
@@ -263,6 +279,10 @@ impl Actor for SessionActor {
             loaded: None,
             generation: 0,
             last_activity: Instant::now(),
+            reload_owed: false,
+            reload_scheduled: false,
+            reload_failures: 0,
+            carry: Vec::new(),
         })
     }
 
@@ -295,8 +315,9 @@ impl Actor for SessionActor {
                 let _ = reply.send(result);
             }
             SessionMsg::Resume => {
+                state.reload_scheduled = false;
                 if let Err(e) = state.ensure_loaded(&myself).await {
-                    warn!(session_id = %state.id, error = %e, "session could not load; retrying on next message");
+                    warn!(session_id = %state.id, error = %e, "session could not load; retrying");
                 }
             }
             SessionMsg::Delivered {
@@ -359,7 +380,8 @@ impl Actor for SessionActor {
 impl SessionState {
     fn is_idle(&self) -> bool {
         match &self.loaded {
-            None => true,
+            // Unloaded after a store error, it still owes whatever its journal holds.
+            None => !self.reload_owed,
             Some(l) => {
                 l.pending.cursors.is_empty()
                     && l.pending.natives.is_empty()
@@ -369,19 +391,47 @@ impl SessionState {
         }
     }
 
+    /// Forgets the in-memory view after a store error (keeping learnt native ids) and
+    /// schedules a reload, so owed deliveries resume without waiting for traffic.
+    fn drop_loaded(&mut self, myself: &ActorRef<SessionMsg>) {
+        if let Some(l) = self.loaded.take() {
+            self.carry.extend(l.pending.natives);
+        }
+        self.reload_owed = true;
+        self.schedule_reload(myself);
+    }
+
+    fn schedule_reload(&mut self, myself: &ActorRef<SessionMsg>) {
+        if !self.reload_scheduled {
+            self.reload_scheduled = true;
+            let delay = backoff(&self.deps.config, self.reload_failures.max(1));
+            myself.send_after(delay, || SessionMsg::Resume);
+        }
+    }
+
     /// Deliveries still owed to recipients.
     fn owed(&self) -> usize {
-        self.loaded
-            .as_ref()
-            .map(|l| l.recipients.values().map(|r| r.queue.len()).sum())
-            .unwrap_or(0)
+        match &self.loaded {
+            Some(l) => l.recipients.values().map(|r| r.queue.len()).sum(),
+            None => usize::from(self.reload_owed),
+        }
     }
 
     async fn ensure_loaded(&mut self, myself: &ActorRef<SessionMsg>) -> Result<(), StoreError> {
         if self.loaded.is_some() {
             return Ok(());
         }
-        let claimed = self.deps.store.claim(self.id).await?;
+        let claimed = match self.deps.store.claim(self.id).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.reload_failures = self.reload_failures.saturating_add(1);
+                self.reload_owed = true;
+                self.schedule_reload(myself);
+                return Err(e);
+            }
+        };
+        self.reload_owed = false;
+        self.reload_failures = 0;
         self.generation += 1;
         let mut loaded = Loaded {
             epoch: claimed.epoch,
@@ -401,6 +451,18 @@ impl SessionState {
         }
         let keys: Vec<String> = loaded.recipients.keys().cloned().collect();
         debug!(session_id = %self.id, epoch = loaded.epoch, last_seq = loaded.last_seq, resumed, "session loaded");
+        for n in self.carry.drain(..) {
+            loaded
+                .ids
+                .record(&n.relay_msg_id, &n.platform, &n.native_id);
+            loaded.pending.natives.push(n);
+        }
+        if !loaded.pending.natives.is_empty() {
+            loaded.pending.scheduled = true;
+            myself.send_after(self.deps.config.ack_flush_interval, || {
+                SessionMsg::FlushAcks
+            });
+        }
         self.loaded = Some(loaded);
         for k in keys {
             self.kick(myself, &k);
@@ -433,18 +495,19 @@ impl SessionState {
         let Some(loaded) = self.loaded.as_mut() else {
             return Err(SessionError::Unavailable("session not loaded".into()));
         };
-        let origin = env
+        // Native ids are unique within one platform instance (a Teams tenant's bot, an XMPP
+        // server, an HTTP-edge domain): the sender's id space scopes the origin's id.
+        let space = id_space(&sender);
+        let origin_native = env
             .origin
-            .clone()
-            .filter(|o| !o.platform.is_empty() && !o.native_id.is_empty());
+            .as_ref()
+            .map(|o| o.native_id.clone())
+            .filter(|n| !n.is_empty());
 
         // An edit/delete/reaction may name its target by the origin platform's own id.
         if let Some(target) = env.body.as_mut().and_then(Body::target_mut) {
             if target.relay_msg_id.is_empty() {
-                let platform = origin
-                    .as_ref()
-                    .map(|o| o.platform.as_str())
-                    .unwrap_or(&sender.platform);
+                let platform = space.as_str();
                 if target.native_id.is_empty() {
                     return Err(SessionError::Invalid("reference without an id".into()));
                 }
@@ -469,6 +532,19 @@ impl SessionState {
         if env.sent_at_ms == 0 {
             env.sent_at_ms = now_ms();
         }
+        let max_backlog = self.deps.config.max_backlog;
+        let full = env.recipients.iter().any(|a| {
+            loaded
+                .recipients
+                .get(&recipient_key(a))
+                .is_some_and(|r| r.queue.len() >= max_backlog)
+        });
+        if full {
+            metrics::counter!("fedrelay_backpressure_total").increment(1);
+            return Err(SessionError::Unavailable(
+                "recipient has too many undelivered messages".into(),
+            ));
+        }
         let seq = loaded.last_seq + 1;
         env.seq = seq;
         env.session_id = id.0.to_vec();
@@ -482,9 +558,7 @@ impl SessionState {
                     AppendRequest {
                         seq,
                         relay_msg_id: &env.relay_msg_id,
-                        origin: origin
-                            .as_ref()
-                            .map(|o| (o.platform.as_str(), o.native_id.as_str())),
+                        origin: origin_native.as_deref().map(|n| (space.as_str(), n)),
                         payload: env.encode_to_vec(),
                     },
                 )
@@ -504,10 +578,8 @@ impl SessionState {
             }
             Ok(AppendOutcome::Appended) => {
                 loaded.last_seq = seq;
-                if let Some(o) = &origin {
-                    loaded
-                        .ids
-                        .record(&env.relay_msg_id, &o.platform, &o.native_id);
+                if let Some(n) = &origin_native {
+                    loaded.ids.record(&env.relay_msg_id, &space, n);
                 }
                 let accepted = Accepted {
                     session_id: id,
@@ -541,7 +613,7 @@ impl SessionState {
                 // The append may or may not have happened: reload before the next one (a
                 // retried event is then found by dedup, a journaled one is redelivered).
                 if !matches!(e, StoreError::Fenced { .. }) {
-                    self.loaded = None;
+                    self.drop_loaded(myself);
                 }
                 Err(e.into())
             }
@@ -579,15 +651,13 @@ impl SessionState {
             else {
                 continue;
             };
-            match loaded
-                .ids
-                .get(&crate::store::relay_field(&relay, &r.addr.platform))
-            {
+            match loaded.ids.get(&crate::store::relay_field(&relay, &r.space)) {
                 Some(native) => set_target_native(env, native.clone()),
                 None => misses.push((i, relay)),
             }
         }
         let addr = r.addr.clone();
+        let space = r.space.clone();
         let store = self.deps.store.clone();
         let outbound = self.deps.outbound.clone();
         let lane = self.lanes.lane(key);
@@ -599,7 +669,7 @@ impl SessionState {
         tokio::spawn(
             async move {
                 for (i, relay) in misses {
-                    if let Ok(Some(native)) = store.native_for(id, &relay, &addr.platform).await {
+                    if let Ok(Some(native)) = store.native_for(id, &relay, &space).await {
                         set_target_native(&mut batch[i], native);
                     }
                 }
@@ -662,6 +732,7 @@ impl SessionState {
         match result {
             Ok(natives) => {
                 r.attempts = 0;
+                r.stalls = 0;
                 r.isolate = false;
                 let natives = natives.into_iter().chain(std::iter::repeat(None));
                 for native in natives.take(count) {
@@ -670,12 +741,10 @@ impl SessionState {
                     };
                     r.delivered = r.delivered.max(env.seq);
                     if let Some(native) = native.filter(|n| !n.is_empty()) {
-                        loaded
-                            .ids
-                            .record(&env.relay_msg_id, &r.addr.platform, &native);
+                        loaded.ids.record(&env.relay_msg_id, &r.space, &native);
                         loaded.pending.natives.push(NativeId {
                             relay_msg_id: env.relay_msg_id.clone(),
-                            platform: r.addr.platform.clone(),
+                            platform: r.space.clone(),
                             native_id: native,
                             seq: env.seq,
                         });
@@ -695,10 +764,16 @@ impl SessionState {
                 } else {
                     cfg.max_attempts
                 };
-                if e.retryable && r.attempts + 1 < budget {
-                    r.attempts += 1;
+                if e.retryable && (e.internal || r.attempts + 1 < budget) {
+                    if e.internal {
+                        r.stalls = r.stalls.saturating_add(1);
+                    } else {
+                        r.attempts += 1;
+                    }
                     r.waiting_retry = true;
-                    let delay = e.retry_after.unwrap_or_else(|| backoff(&cfg, r.attempts));
+                    let delay = e
+                        .retry_after
+                        .unwrap_or_else(|| backoff(&cfg, r.attempts.saturating_add(r.stalls)));
                     metrics::counter!("fedrelay_delivery_retries_total").increment(1);
                     debug!(recipient_platform = %r.addr.platform, attempts = r.attempts, code = %e.code, "delivery failed; retrying");
                     let generation = self.generation;
@@ -859,10 +934,12 @@ fn enqueue(loaded: &mut Loaded, cursors: &HashMap<String, u64>, env: Arc<Envelop
             .entry(key.clone())
             .or_insert_with(|| Recipient {
                 addr: addr.clone(),
+                space: id_space(addr),
                 delivered: cursors.get(&key).copied().unwrap_or(0),
                 queue: VecDeque::new(),
                 in_flight: 0,
                 attempts: 0,
+                stalls: 0,
                 waiting_retry: false,
                 isolate: false,
             });

@@ -109,14 +109,19 @@ impl Actor for SessionSupervisor {
                     state.slots.insert(id, Slot::Stopping { actor, held });
                 }
             }
-            SupervisorMsg::HibernateCancelled(id) => {
-                if let Some(Slot::Stopping { actor, held }) = state.slots.remove(&id) {
+            SupervisorMsg::HibernateCancelled(id) => match state.slots.remove(&id) {
+                Some(Slot::Stopping { actor, held }) => {
                     for (env, reply) in held {
                         forward(&actor, env, reply);
                     }
                     state.slots.insert(id, Slot::Running(actor));
                 }
-            }
+                // It crashed (or was replaced) meanwhile: leave that slot as it is.
+                Some(other) => {
+                    state.slots.insert(id, other);
+                }
+                None => {}
+            },
             SupervisorMsg::Restart(id) => {
                 if let Some(Slot::Restarting { held }) = state.slots.remove(&id) {
                     state.start(&myself, id, held).await;

@@ -192,6 +192,9 @@ on_both_stores!(
     unknown_targets_are_refused,
     idle_sessions_hibernate_and_revive,
     a_crashed_session_restarts_with_no_loss_and_no_duplicate,
+    an_ambiguous_store_error_still_delivers_without_new_traffic,
+    a_recipient_far_behind_pushes_back_on_senders,
+    relay_side_failures_do_not_use_up_the_recipients_attempts,
     store_conformance,
 );
 
@@ -423,11 +426,13 @@ async fn idle_sessions_hibernate_and_revive(b: Backend) -> Result<()> {
     Ok(())
 }
 
-/// A store that panics inside the session actor on chosen appends, like a bug would.
+/// A store that misbehaves on chosen appends: panics inside the session actor (like a bug
+/// would), or reports a timeout although the append went through (like a lost answer).
 struct PanickingStore {
     inner: Arc<dyn SessionStore>,
     appends: AtomicU32,
     panic_on: Vec<u32>,
+    lose_answer_on: Vec<u32>,
 }
 
 #[async_trait]
@@ -447,6 +452,9 @@ impl SessionStore for PanickingStore {
         // never heard about.
         if self.panic_on.contains(&n) {
             panic!("injected session failure on append {n}");
+        }
+        if self.lose_answer_on.contains(&n) {
+            return Err(StoreError::Unavailable("injected: answer lost".into()));
         }
         outcome
     }
@@ -480,6 +488,7 @@ async fn a_crashed_session_restarts_with_no_loss_and_no_duplicate(b: Backend) ->
         inner: s.store.clone(),
         appends: AtomicU32::new(0),
         panic_on: vec![7, 15],
+        lose_answer_on: vec![],
     });
     let out = Recorder::ok();
     let sup = start(store, out.clone(), fast_config()).await?;
@@ -517,5 +526,109 @@ async fn a_crashed_session_restarts_with_no_loss_and_no_duplicate(b: Backend) ->
     let want: Vec<String> = (0..20).map(|i| format!("msg {i}")).collect();
     ensure!(texts == want, "bob saw {texts:?}");
     ensure!(got.len() == 20);
+    Ok(())
+}
+
+async fn an_ambiguous_store_error_still_delivers_without_new_traffic(b: Backend) -> Result<()> {
+    let s = stores(b)?;
+    let store = Arc::new(PanickingStore {
+        inner: s.store.clone(),
+        appends: AtomicU32::new(0),
+        panic_on: vec![],
+        lose_answer_on: vec![2],
+    });
+    let out = Recorder::ok();
+    let sup = start(store, out.clone(), fast_config()).await?;
+    sup.route(envelope(&alice(), &bob(), "a-1", text("one")))
+        .await?;
+    // The second append reaches the store but its answer is lost: the origin hears an error.
+    let r = sup
+        .route(envelope(&alice(), &bob(), "a-2", text("two")))
+        .await;
+    ensure!(matches!(r, Err(SessionError::Store(_))), "got {r:?}");
+    // No retry, no new message: the journaled message is still delivered, once.
+    let got = out.wait_count("bob", 2).await?;
+    ensure!(plain(&got[1]) == Some("two"));
+    ensure!(sup.drain().await? == 0);
+    ensure!(out.to("bob").len() == 2, "duplicates delivered");
+    Ok(())
+}
+
+async fn a_recipient_far_behind_pushes_back_on_senders(b: Backend) -> Result<()> {
+    let s = stores(b)?;
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let d = down.clone();
+    let out = Recorder::new(Box::new(move |_, _| {
+        if d.load(Ordering::SeqCst) {
+            Err(DeliveryError::retryable("timeout", "down"))
+        } else {
+            Ok(())
+        }
+    }));
+    let cfg = SessionConfig {
+        max_backlog: 3,
+        max_attempts: 1_000,
+        ..fast_config()
+    };
+    let sup = start(s.store.clone(), out.clone(), cfg).await?;
+    for i in 0..3 {
+        sup.route(envelope(
+            &alice(),
+            &bob(),
+            &format!("b{i}"),
+            text(&format!("m{i}")),
+        ))
+        .await?;
+    }
+    let r = sup
+        .route(envelope(&alice(), &bob(), "b3", text("m3")))
+        .await;
+    ensure!(
+        matches!(&r, Err(e) if e.is_retryable()),
+        "not pushed back: {r:?}"
+    );
+    // Messages to others still flow.
+    let carol = Address::new("xmpp", "partner.example", "carol");
+    sup.route(envelope(&alice(), &carol, "c0", text("to carol")))
+        .await?;
+    down.store(false, Ordering::SeqCst);
+    out.wait_count("bob", 3).await?;
+    // Caught up: the refused message is taken now (the origin retried).
+    sup.route(envelope(&alice(), &bob(), "b3", text("m3")))
+        .await?;
+    let got = out.wait_count("bob", 4).await?;
+    let texts: Vec<&str> = got.iter().filter_map(plain).collect();
+    ensure!(texts == ["m0", "m1", "m2", "m3"], "{texts:?}");
+    Ok(())
+}
+
+async fn relay_side_failures_do_not_use_up_the_recipients_attempts(b: Backend) -> Result<()> {
+    let s = stores(b)?;
+    let stalls = Arc::new(AtomicU32::new(12));
+    let st = stalls.clone();
+    let out = Recorder::new(Box::new(move |_, _| {
+        if st
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(DeliveryError::internal(
+                "store_unavailable",
+                "relay store down",
+            ));
+        }
+        Ok(())
+    }));
+    let cfg = SessionConfig {
+        max_attempts: 3,
+        ..fast_config()
+    };
+    let sup = start(s.store.clone(), out.clone(), cfg).await?;
+    sup.route(envelope(&alice(), &bob(), "s-1", text("patience")))
+        .await?;
+    let got = out.wait_count("bob", 1).await?;
+    ensure!(plain(&got[0]) == Some("patience"));
+    ensure!(stalls.load(Ordering::SeqCst) == 0);
+    // Twelve relay-side failures against a budget of three, and no error notice to alice.
+    ensure!(out.to("alice").is_empty(), "alice was told it failed");
     Ok(())
 }

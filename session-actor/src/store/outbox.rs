@@ -14,9 +14,11 @@ use tokio::sync::Notify;
 #[derive(Debug, Clone)]
 pub struct OutboxItem {
     pub session_id: SessionId,
+    /// The recipient within the domain: two users of one domain may share a session.
+    pub recipient: String,
     pub seq: u64,
     /// The rendered event, as the receiver will read it.
-    pub payload: Vec<u8>,
+    pub payload: bytes::Bytes,
 }
 
 /// One stored event, with the id a receiver resumes after.
@@ -29,7 +31,7 @@ pub struct OutboxEvent {
 #[async_trait]
 pub trait Outbox: Send + Sync + 'static {
     /// Appends `items` (one session's in seq order, or several sessions'); items whose
-    /// (session, seq) the outbox already holds are dropped.
+    /// (session, recipient, seq) the outbox already holds are dropped.
     async fn push(&self, domain: &str, items: &[OutboxItem]) -> Result<(), StoreError>;
 
     /// Up to `max` events after `after` (from the oldest kept when `None`).
@@ -67,8 +69,8 @@ impl Signals {
 #[derive(Default)]
 struct MemoryDomain {
     next_id: u64,
-    events: VecDeque<(u64, Vec<u8>)>,
-    last: HashMap<SessionId, u64>,
+    events: VecDeque<(u64, bytes::Bytes)>,
+    last: HashMap<(SessionId, String), u64>,
 }
 
 /// Outboxes in process memory, keeping the newest `capacity` events per domain.
@@ -102,7 +104,10 @@ impl Outbox for MemoryOutbox {
                 .map_err(|_| StoreError::Unavailable("outbox poisoned".into()))?;
             let d = all.entry(domain.to_string()).or_default();
             for item in items {
-                let last = d.last.entry(item.session_id).or_default();
+                let last = d
+                    .last
+                    .entry((item.session_id, item.recipient.clone()))
+                    .or_default();
                 if item.seq <= *last {
                     continue;
                 }
@@ -143,7 +148,7 @@ impl Outbox for MemoryOutbox {
             .take(max)
             .map(|(id, p)| OutboxEvent {
                 id: format!("0-{id}"),
-                payload: p.clone(),
+                payload: p.to_vec(),
             })
             .collect())
     }
@@ -199,9 +204,9 @@ impl Outbox for RedisOutbox {
         let mut inv = self.push.prepare_invoke();
         inv.key(&key).key(format!("{key}:last")).arg(self.capacity);
         for item in items {
-            inv.arg(item.session_id.to_hex())
+            inv.arg(format!("{}/{}", item.session_id.to_hex(), item.recipient))
                 .arg(item.seq)
-                .arg(item.payload.as_slice());
+                .arg(item.payload.as_ref());
         }
         let _added: u64 = inv.invoke_async(&mut self.conn.clone()).await?;
         self.signals.get(domain).notify_waiters();
@@ -277,8 +282,9 @@ mod tests {
     fn item(s: u8, seq: u64) -> OutboxItem {
         OutboxItem {
             session_id: SessionId([s; 16]),
+            recipient: "bob".into(),
             seq,
-            payload: vec![s, seq as u8],
+            payload: vec![s, seq as u8].into(),
         }
     }
 
@@ -304,6 +310,11 @@ mod tests {
         o.push("d", &[item(3, 1)]).await?;
         assert_eq!(o.read_after("d", Some(&tail), 10).await?.len(), 1);
         assert_eq!(o.last_id("empty").await?, "0-0");
+        // Two recipients of one session in one domain are deduplicated apart.
+        let mut other = item(3, 1);
+        other.recipient = "carol".into();
+        o.push("d", &[other]).await?;
+        assert_eq!(o.read_after("d", Some(&tail), 10).await?.len(), 2);
         Ok(())
     }
 

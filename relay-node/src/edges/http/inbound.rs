@@ -241,11 +241,14 @@ struct StreamQuery {
     after: Option<String>,
 }
 
+/// A resume id is `<u64>-<u64>`, as the stream hands them out.
 fn valid_event_id(id: &str) -> bool {
-    id.len() <= 41
-        && id.split_once('-').is_some_and(|(a, b)| {
-            !a.is_empty() && !b.is_empty() && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_digit())
-        })
+    id.split_once('-').is_some_and(|(a, b)| {
+        a.parse::<u64>().is_ok()
+            && b.parse::<u64>().is_ok()
+            && !a.starts_with('+')
+            && !b.starts_with('+')
+    })
 }
 
 /// `GET /v1/stream`: Server-Sent Events of the domain's outbox, resumable by event id.

@@ -15,11 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::debug;
 
-/// One rendered delivery.
+/// One rendered delivery (cheap to clone: the payload is shared).
+#[derive(Clone)]
 struct Item {
     session_id: SessionId,
+    recipient: String,
     seq: u64,
-    payload: Vec<u8>,
+    payload: bytes::Bytes,
 }
 
 type DomainBatcher = Batcher<Item, Option<String>, DeliveryError>;
@@ -60,20 +62,34 @@ impl HttpOutbound {
                 Delivery::Stream => {
                     let outbox = outbox.clone();
                     let name = d.name.clone();
-                    Batcher::spawn(1024, 4, 65_536, move |items: Vec<Item>| {
-                        let outbox = outbox.clone();
-                        let name = name.clone();
-                        async move { push_outbox(outbox.as_ref(), &name, items).await }
-                    })
+                    Batcher::spawn(
+                        1024,
+                        4,
+                        65_536,
+                        |_| false,
+                        move |items: Vec<Item>| {
+                            let outbox = outbox.clone();
+                            let name = name.clone();
+                            async move { push_outbox(outbox.as_ref(), &name, items).await }
+                        },
+                    )
                 }
                 Delivery::Webhook => {
                     let client = client.clone();
                     let domain = Arc::new(d.clone());
-                    Batcher::spawn(cfg.webhook_batch, 8, 65_536, move |items: Vec<Item>| {
-                        let client = client.clone();
-                        let domain = domain.clone();
-                        async move { post_webhook(&client, &domain, items).await }
-                    })
+                    // A permanent refusal (4xx) may be one session's bad event: retry each
+                    // session's events alone rather than fail the others with it.
+                    Batcher::spawn(
+                        cfg.webhook_batch,
+                        8,
+                        65_536,
+                        |e: &DeliveryError| !e.retryable,
+                        move |items: Vec<Item>| {
+                            let client = client.clone();
+                            let domain = domain.clone();
+                            async move { post_webhook(&client, &domain, items).await }
+                        },
+                    )
                 }
             };
             batchers.insert(d.name.clone(), batcher);
@@ -102,14 +118,15 @@ impl HttpOutbound {
                 .map_err(|_| DeliveryError::permanent("render_failed", "could not render event"))?;
             items.push(Item {
                 session_id,
+                recipient: recipient.user.clone(),
                 seq: env.seq,
-                payload,
+                payload: payload.into(),
             });
         }
         let natives = batcher
             .submit(items)
             .await
-            .map_err(|_| DeliveryError::retryable("shutting_down", "edge is stopping"))??;
+            .map_err(|_| DeliveryError::internal("shutting_down", "edge is stopping"))??;
         for env in batch {
             let kind = env.body.as_ref().map(Body::kind).unwrap_or("unknown");
             metrics::counter!("fedrelay_messages_out_total", "edge" => "http", "kind" => kind)
@@ -129,6 +146,7 @@ async fn push_outbox(
         .into_iter()
         .map(|i| OutboxItem {
             session_id: i.session_id,
+            recipient: i.recipient,
             seq: i.seq,
             payload: i.payload,
         })
@@ -136,7 +154,7 @@ async fn push_outbox(
     outbox
         .push(domain, &items)
         .await
-        .map_err(|e| DeliveryError::retryable("store_unavailable", e.to_string()))?;
+        .map_err(|e| DeliveryError::internal("store_unavailable", e.to_string()))?;
     Ok(vec![None; n])
 }
 
@@ -145,6 +163,21 @@ fn now_secs() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// Largest webhook answer read for receipts; a larger one is ignored (receipts are optional).
+const MAX_ANSWER: usize = 1 << 20;
+
+/// The body of `resp` if it fits in `limit` bytes, else nothing.
+async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        if body.len() + chunk.len() > limit {
+            return Vec::new();
+        }
+        body.extend_from_slice(&chunk);
+    }
+    body
 }
 
 /// POSTs `{"events": [...]}` signed with the domain's secret.
@@ -192,7 +225,7 @@ async fn post_webhook(
     if status.is_success() {
         // Receipts are optional; a 2xx without them (or with a body we cannot read) still
         // acknowledges the batch.
-        let bytes = resp.bytes().await.unwrap_or_default();
+        let bytes = read_limited(resp, MAX_ANSWER).await;
         let answer: Option<WebhookAnswer> = serde_json::from_slice(&bytes).ok();
         let mut by_key: HashMap<(String, u64), String> = answer
             .map(|a| {
@@ -226,6 +259,7 @@ async fn post_webhook(
             detail: "webhook answered with a retryable status".into(),
             retryable: true,
             retry_after,
+            internal: false,
         })
     } else {
         Err(DeliveryError::permanent(code, "webhook refused the events"))

@@ -1,7 +1,8 @@
--- Appends deliveries to a domain's outbox stream, dropping any (session, seq) already there,
--- so a receiver sees each message once even when a session redelivers after a crash.
--- KEYS[1] outbox stream, KEYS[2] hash session -> last seq
--- ARGV[1] approximate max length; then (session id, seq, payload) triples.
+-- Appends deliveries to a domain's outbox stream, dropping any (session, recipient, seq)
+-- already there, so a receiver sees each message once even when a session redelivers after a
+-- crash.
+-- KEYS[1] outbox stream, KEYS[2] hash "<session>/<recipient>" -> last seq
+-- ARGV[1] approximate max length; then ("<session>/<recipient>", seq, payload) triples.
 local added = 0
 for i = 2, #ARGV, 3 do
   local last = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0')
