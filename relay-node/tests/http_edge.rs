@@ -80,6 +80,12 @@ async fn messages_flow_both_ways_over_the_stream_and_resume_after_reconnect() ->
         ev.data
     );
 
+    // Bob cannot edit alice's message.
+    let hijack = json!({"id": "b4", "type": "edit", "from": "bob", "to": "alice@a.example",
+                        "target": {"relay_msg_id": acc["relay_msg_id"]}, "text": "not yours"});
+    let (s, body) = post(&c, &base, "b.example", SECRET_B, &hijack).await?;
+    ensure!(s == 403 && body["error"] == "forbidden", "{s} {body}");
+
     // Resending an event is harmless: same ids, nothing delivered twice.
     let (s, again) = post(
         &c,

@@ -34,6 +34,9 @@ pub enum SessionError {
     /// An edit, delete or reaction names a message this session does not know.
     #[error("unknown target message")]
     UnknownTarget,
+    /// The sender may not do this (edit or delete someone else's message).
+    #[error("not allowed: {0}")]
+    NotAllowed(String),
     /// The journal could not be written; the origin should retry.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -53,6 +56,7 @@ impl SessionError {
         match self {
             SessionError::Invalid(_) => "invalid",
             SessionError::UnknownTarget => "unknown_target",
+            SessionError::NotAllowed(_) => "not_allowed",
             SessionError::Store(_) => "store_unavailable",
             SessionError::Unavailable(_) => "unavailable",
         }

@@ -498,6 +498,7 @@ impl SessionState {
         // Native ids are unique within one platform instance (a Teams tenant's bot, an XMPP
         // server, an HTTP-edge domain): the sender's id space scopes the origin's id.
         let space = id_space(&sender);
+        let sender_key = recipient_key(&sender);
         let origin_native = env
             .origin
             .as_ref()
@@ -524,6 +525,22 @@ impl SessionState {
             }
             // The origin's native id means nothing to recipients; delivery fills in theirs.
             target.native_id.clear();
+        }
+        // The target must be a message of this session, and only its sender may change it.
+        if let Some(body) = env.body.as_ref()
+            && let Some(target) = body.target()
+        {
+            let field = crate::store::sender_field(&target.relay_msg_id);
+            let author = match loaded.ids.get(&field) {
+                Some(a) => Some(a.clone()),
+                None => store.sender_of(id, &target.relay_msg_id).await?,
+            };
+            let author = author.ok_or(SessionError::UnknownTarget)?;
+            if matches!(body, Body::Edit(_) | Body::Delete(_)) && author != sender_key {
+                return Err(SessionError::NotAllowed(
+                    "only the sender of a message may edit or delete it".into(),
+                ));
+            }
         }
 
         if env.relay_msg_id.is_empty() {
@@ -560,6 +577,7 @@ impl SessionState {
                         relay_msg_id: &env.relay_msg_id,
                         origin: origin_native.as_deref().map(|n| (space.as_str(), n)),
                         payload: env.encode_to_vec(),
+                        sender: &sender_key,
                     },
                 )
                 .instrument(span)
@@ -581,6 +599,9 @@ impl SessionState {
                 if let Some(n) = &origin_native {
                     loaded.ids.record(&env.relay_msg_id, &space, n);
                 }
+                loaded
+                    .ids
+                    .insert(crate::store::sender_field(&env.relay_msg_id), sender_key);
                 let accepted = Accepted {
                     session_id: id,
                     relay_msg_id: env.relay_msg_id.clone(),

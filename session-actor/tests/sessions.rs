@@ -321,6 +321,29 @@ async fn edits_deletes_and_reactions_land_on_the_right_message(b: Backend) -> Re
         t.native_id
     );
 
+    // Bob may react to alice's message, but not edit or delete it.
+    let hijack = Body::Delete(v1::Delete {
+        target: Some(v1::MessageRef {
+            relay_msg_id: first.relay_msg_id.clone(),
+            native_id: String::new(),
+        }),
+    });
+    let r = sup.route(envelope(&bob(), &alice(), "x-2", hijack)).await;
+    ensure!(
+        matches!(r, Err(SessionError::NotAllowed(_))),
+        "bob deleted alice's message: {r:?}"
+    );
+    let ghost = Body::Reaction(v1::Reaction {
+        target: Some(v1::MessageRef {
+            relay_msg_id: "no-such-message".into(),
+            native_id: String::new(),
+        }),
+        emoji: "x".into(),
+        added: true,
+    });
+    let r = sup.route(envelope(&bob(), &alice(), "x-3", ghost)).await;
+    ensure!(matches!(r, Err(SessionError::UnknownTarget)), "got {r:?}");
+
     let t = target(&to_bob[3]).context("delete has a target")?;
     ensure!(
         t.relay_msg_id == second.relay_msg_id
@@ -476,6 +499,9 @@ impl SessionStore for PanickingStore {
         p: &str,
     ) -> Result<Option<String>, StoreError> {
         self.inner.native_for(id, r, p).await
+    }
+    async fn sender_of(&self, id: SessionId, r: &str) -> Result<Option<String>, StoreError> {
+        self.inner.sender_of(id, r).await
     }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await

@@ -51,6 +51,7 @@ pub async fn run(store: &dyn SessionStore) -> Result<(), ConformanceFailure> {
         relay_msg_id: relay,
         origin: Some(("http", native)),
         payload: envelope(id, seq, relay),
+        sender: "alice",
     };
     check(
         store.append(id, c1.epoch, req(1, "r1", "n1")).await? == AppendOutcome::Appended,
@@ -79,6 +80,14 @@ pub async fn run(store: &dyn SessionStore) -> Result<(), ConformanceFailure> {
     check(
         store.native_for(id, "r2", "http").await?.as_deref() == Some("n2"),
         "relay id maps back to the origin native id",
+    )?;
+    check(
+        store.sender_of(id, "r2").await?.as_deref() == Some("alice"),
+        "a message's sender is kept",
+    )?;
+    check(
+        store.sender_of(id, "r3").await?.is_none(),
+        "no sender for a message never appended",
     )?;
 
     // A second owner claims: the first is fenced on append and on ack.

@@ -98,6 +98,10 @@ impl SessionStore for MemoryStore {
             }
             s.last_seq = req.seq;
             s.journal.insert(req.seq, req.payload);
+            s.map.insert(
+                super::sender_field(req.relay_msg_id),
+                req.sender.to_string(),
+            );
             if let Some((platform, native)) = req.origin {
                 s.map.insert(
                     super::native_field(platform, native),
@@ -158,6 +162,16 @@ impl SessionStore for MemoryStore {
             s.map
                 .get(&super::relay_field(relay_msg_id, platform))
                 .cloned()
+        })
+    }
+
+    async fn sender_of(
+        &self,
+        id: SessionId,
+        relay_msg_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.with(id, |s| {
+            s.map.get(&super::sender_field(relay_msg_id)).cloned()
         })
     }
 

@@ -44,6 +44,8 @@ pub struct AppendRequest<'a> {
     pub origin: Option<(&'a str, &'a str)>,
     /// The encoded envelope, seq included.
     pub payload: Vec<u8>,
+    /// The sender's recipient key: only the sender may later edit or delete the message.
+    pub sender: &'a str,
 }
 
 /// The result of an append.
@@ -116,6 +118,14 @@ pub trait SessionStore: Send + Sync + 'static {
         platform: &str,
     ) -> Result<Option<String>, StoreError>;
 
+    /// The sender (recipient key) of a message of this session, or `None` if the session has
+    /// no such message.
+    async fn sender_of(
+        &self,
+        id: SessionId,
+        relay_msg_id: &str,
+    ) -> Result<Option<String>, StoreError>;
+
     /// Whether the store answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
 }
@@ -127,6 +137,10 @@ pub(crate) fn native_field(platform: &str, native_id: &str) -> String {
 
 pub(crate) fn relay_field(relay_msg_id: &str, platform: &str) -> String {
     format!("r:{relay_msg_id}:{platform}")
+}
+
+pub(crate) fn sender_field(relay_msg_id: &str) -> String {
+    format!("s:{relay_msg_id}")
 }
 
 /// The map's value for a native id: `<seq>:<relay id>`.

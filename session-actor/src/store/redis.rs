@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `…:m` | hash | `epoch`, `seq`, `c:<recipient>` delivery cursors |
 //! | `…:j` | stream | the journal: entry id `0-<seq>`, field `e` = encoded envelope |
-//! | `…:i` | hash | `n:<platform>:<native id>` → `<seq>:<relay id>` (also the dedup set), `r:<relay id>:<platform>` → native id |
+//! | `…:i` | hash | `n:<id space>:<native id>` → `<seq>:<relay id>` (also the dedup set), `r:<relay id>:<id space>` → native id, `s:<relay id>` → sender |
 //!
 //! Calls share one multiplexed connection, so concurrent sessions' scripts are pipelined.
 
@@ -174,6 +174,8 @@ impl SessionStore for RedisStore {
             .arg(nfield)
             .arg(rfield)
             .arg(native)
+            .arg(super::sender_field(req.relay_msg_id))
+            .arg(req.sender)
             .invoke_async(&mut self.conn.clone())
             .await?;
         match reply.first().map(String::as_str) {
@@ -240,6 +242,19 @@ impl SessionStore for RedisStore {
         Ok(redis::cmd("HGET")
             .arg(map)
             .arg(super::relay_field(relay_msg_id, platform))
+            .query_async(&mut self.conn.clone())
+            .await?)
+    }
+
+    async fn sender_of(
+        &self,
+        id: SessionId,
+        relay_msg_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let [_, _, map] = self.keys(id);
+        Ok(redis::cmd("HGET")
+            .arg(map)
+            .arg(super::sender_field(relay_msg_id))
             .query_async(&mut self.conn.clone())
             .await?)
     }

@@ -217,6 +217,7 @@ async fn handle_event(s: &Inbound, headers: HeaderMap, body: Body) -> Response {
             (StatusCode::ACCEPTED, axum::Json(body)).into_response()
         }
         Err(SessionError::Invalid(m)) => error(StatusCode::BAD_REQUEST, "bad_request", m),
+        Err(SessionError::NotAllowed(m)) => error(StatusCode::FORBIDDEN, "forbidden", m),
         Err(SessionError::UnknownTarget) => error(
             StatusCode::UNPROCESSABLE_ENTITY,
             "unknown_target",

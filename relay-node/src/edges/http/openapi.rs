@@ -33,7 +33,7 @@ pub fn document() -> Value {
                                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}}},
                         "400": err("Malformed or invalid event."),
                         "401": err("Unknown domain, missing, bad or stale signature."),
-                        "403": err("No federation rule connects the two domains."),
+                        "403": err("No federation rule connects the two domains, or an edit or delete of another sender's message."),
                         "413": err("Body over the size limit."),
                         "415": err("Content-Type is not application/json."),
                         "422": err("The event names a target message unknown in this conversation."),
