@@ -491,3 +491,55 @@ async fn the_edge_speaks_tls_when_given_a_certificate() -> Result<()> {
     ensure!(plain.is_err() || plain.is_ok_and(|r| !r.status().is_success()));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_receiver_back_after_the_retention_is_told_of_the_gap() -> Result<()> {
+    // In-memory store, three events kept per domain.
+    let cfg = config("redis://unused", "http://127.0.0.1:1/hook", "")
+        .replace("backend = \"redis\"", "backend = \"memory\"")
+        .replace(
+            "max_body_bytes = 4096\n",
+            "max_body_bytes = 4096\nstream_retention = 3\n",
+        );
+    let node = RelayNode::start(&cfg)?;
+    let c = client()?;
+    let base = node.http_url();
+    let mut first = Stream::open(&c, &base, "b.example", SECRET_B, None).await?;
+    let (s, _) = post(
+        &c,
+        &base,
+        "a.example",
+        SECRET_A,
+        &message("g0", "alice", "bob@b.example", "m0"),
+    )
+    .await?;
+    ensure!(s == 202);
+    let seen = first.next(T).await?.id;
+    drop(first);
+    for i in 1..6 {
+        let (s, _) = post(
+            &c,
+            &base,
+            "a.example",
+            SECRET_A,
+            &message(&format!("g{i}"), "alice", "bob@b.example", &format!("m{i}")),
+        )
+        .await?;
+        ensure!(s == 202);
+    }
+    // m1 and m2 fell out of the retention while b was away.
+    let mut back = Stream::open(&c, &base, "b.example", SECRET_B, Some(&seen)).await?;
+    let gap = back.next(T).await?;
+    ensure!(
+        gap.data["type"] == "gap" && gap.data["after"] == seen,
+        "{}",
+        gap.data
+    );
+    for i in 3..6 {
+        ensure!(back.next(T).await?.data["text"] == format!("m{i}"));
+    }
+    // Resuming from a point still kept (0-4 is m3, the oldest kept) has no gap.
+    let mut fine = Stream::open(&c, &base, "b.example", SECRET_B, Some("0-4")).await?;
+    ensure!(fine.next(T).await?.data["text"] == "m4");
+    Ok(())
+}

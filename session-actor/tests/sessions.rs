@@ -658,3 +658,48 @@ async fn relay_side_failures_do_not_use_up_the_recipients_attempts(b: Backend) -
     ensure!(out.to("alice").is_empty(), "alice was told it failed");
     Ok(())
 }
+
+#[tokio::test]
+async fn redis_outbox_dedups_and_reports_what_retention_dropped() -> Result<()> {
+    use session_actor::store::{Outbox, OutboxItem, RedisOutbox};
+    let redis = RedisServer::start()?;
+    // Keep 10 events.
+    let outbox = RedisOutbox::new(&RedisStoreConfig::new(redis.url()), 10)?;
+    let item = |n: u64| OutboxItem {
+        session_id: SessionId([7; 16]),
+        recipient: "bob".into(),
+        seq: n,
+        payload: format!("e{n}").into_bytes().into(),
+    };
+    outbox.push("d.example", &[item(1), item(2)]).await?;
+    let first = outbox.read_after("d.example", None, 10).await?;
+    ensure!(first.len() == 2);
+    ensure!(!outbox.dropped_after("d.example", &first[0].id).await?);
+    ensure!(!outbox.dropped_after("empty.example", "0-0").await?);
+    // A redelivered (session, recipient, seq) is dropped.
+    outbox.push("d.example", &[item(2)]).await?;
+    ensure!(
+        outbox
+            .read_after("d.example", Some(&first[0].id), 10)
+            .await?
+            .len()
+            == 1
+    );
+    for chunk in (3..=400).collect::<Vec<u64>>().chunks(50) {
+        let items: Vec<OutboxItem> = chunk.iter().map(|n| item(*n)).collect();
+        outbox.push("d.example", &items).await?;
+    }
+    ensure!(
+        outbox.dropped_after("d.example", &first[0].id).await?,
+        "trimming not reported"
+    );
+    let kept = outbox.read_after("d.example", None, 100).await?;
+    ensure!(kept.len() == 10, "{} kept", kept.len());
+    ensure!(
+        !outbox.dropped_after("d.example", &kept[0].id).await?,
+        "the oldest kept is no gap"
+    );
+    let tail = outbox.last_id("d.example").await?;
+    ensure!(!outbox.dropped_after("d.example", &tail).await?);
+    Ok(())
+}

@@ -46,6 +46,10 @@ pub trait Outbox: Send + Sync + 'static {
     /// comes next.
     async fn last_id(&self, domain: &str) -> Result<String, StoreError>;
 
+    /// Whether retention has dropped events that came after `after`: a receiver resuming there
+    /// has missed them.
+    async fn dropped_after(&self, domain: &str, after: &str) -> Result<bool, StoreError>;
+
     /// Woken whenever this process pushes to `domain`. Readers also poll, for pushes made by
     /// other nodes.
     fn notifier(&self, domain: &str) -> Arc<Notify>;
@@ -70,6 +74,8 @@ impl Signals {
 struct MemoryDomain {
     next_id: u64,
     events: VecDeque<(u64, bytes::Bytes)>,
+    /// Id of the newest event dropped by retention (0: none).
+    dropped_through: u64,
     last: HashMap<(SessionId, String), u64>,
 }
 
@@ -114,8 +120,10 @@ impl Outbox for MemoryOutbox {
                 *last = item.seq;
                 d.next_id += 1;
                 d.events.push_back((d.next_id, item.payload.clone()));
-                if d.events.len() > self.capacity {
-                    d.events.pop_front();
+                if d.events.len() > self.capacity
+                    && let Some((id, _)) = d.events.pop_front()
+                {
+                    d.dropped_through = id;
                 }
             }
         }
@@ -161,6 +169,15 @@ impl Outbox for MemoryOutbox {
         Ok(format!("0-{}", all.get(domain).map_or(0, |d| d.next_id)))
     }
 
+    async fn dropped_after(&self, domain: &str, after: &str) -> Result<bool, StoreError> {
+        let after = parse_memory_id(after).unwrap_or(0);
+        let all = self
+            .domains
+            .lock()
+            .map_err(|_| StoreError::Unavailable("outbox poisoned".into()))?;
+        Ok(all.get(domain).is_some_and(|d| d.dropped_through > after))
+    }
+
     fn notifier(&self, domain: &str) -> Arc<Notify> {
         self.signals.get(domain)
     }
@@ -168,8 +185,8 @@ impl Outbox for MemoryOutbox {
 
 // === impl RedisOutbox ===
 
-/// Outboxes as Redis streams `fr:o:{<domain>}`, trimmed to about `capacity` entries, with the
-/// dedup hash `fr:o:{<domain>}:last` beside each.
+/// Outboxes as Redis streams `fr:o:{<domain>}`, trimmed to `capacity` entries, with the
+/// dedup hash `fr:o:{<domain>}:last` beside each (which also records the newest trimmed id).
 pub struct RedisOutbox {
     conn: ConnectionManager,
     prefix: String,
@@ -258,9 +275,32 @@ impl Outbox for RedisOutbox {
             .map_or_else(|| "0-0".to_string(), |(id, _)| id))
     }
 
+    async fn dropped_after(&self, domain: &str, after: &str) -> Result<bool, StoreError> {
+        let dropped: Option<String> = redis::cmd("HGET")
+            .arg(format!("{}:last", self.key(domain)))
+            .arg("~dropped")
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(
+            match (
+                dropped.as_deref().and_then(parse_stream_id),
+                parse_stream_id(after),
+            ) {
+                (Some(d), Some(a)) => d > a,
+                _ => false,
+            },
+        )
+    }
+
     fn notifier(&self, domain: &str) -> Arc<Notify> {
         self.signals.get(domain)
     }
+}
+
+/// `<ms>-<seq>` as a comparable pair.
+fn parse_stream_id(id: &str) -> Option<(u64, u64)> {
+    let (a, b) = id.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
 }
 
 /// A Redis stream id is `<ms>-<seq>`, both decimal.
@@ -304,6 +344,10 @@ mod tests {
         assert_eq!(after_first, all[1..].to_vec());
         assert!(o.read_after("d", Some(&all[2].id), 10).await?.is_empty());
         assert!(o.read_after("other", None, 10).await?.is_empty());
+        // Retention dropped event 1: resuming after it (or before) missed something.
+        assert!(o.dropped_after("d", "0-0").await?);
+        assert!(!o.dropped_after("d", &all[0].id).await?);
+        assert!(!o.dropped_after("other", "0-0").await?);
         // "Only what comes next" starts after the newest event.
         let tail = o.last_id("d").await?;
         assert!(o.read_after("d", Some(&tail), 10).await?.is_empty());

@@ -295,12 +295,39 @@ async fn stream(
         }
         _ => after,
     };
+    // A receiver away longer than the retention has missed events: say so, never silently.
+    let gap = match after.as_deref() {
+        Some(a) => match s.outbox.dropped_after(&domain.name, a).await {
+            Ok(true) => Some(a.to_string()),
+            Ok(false) => None,
+            Err(e) => {
+                debug!(error = %e, "could not check the stream for a gap");
+                None
+            }
+        },
+        None => None,
+    };
+    if gap.is_some() {
+        metrics::counter!("fedrelay_stream_gaps_total").increment(1);
+        s.metadata.record(MetadataEntry {
+            at_ms: now().1,
+            session_id: None,
+            relay_msg_id: String::new(),
+            sender: String::new(),
+            sender_platform: String::new(),
+            receivers: vec![domain.name.clone()],
+            receiver_platform: "http".into(),
+            category: "error",
+            kind: "stream_gap".into(),
+        });
+    }
     debug!(domain = %domain.name, "event stream opened");
     metrics::gauge!("fedrelay_http_streams_open").increment(1.0);
     let state = StreamState {
         outbox: s.outbox.clone(),
         domain: domain.name,
         after,
+        gap,
         shutdown: s.shutdown.clone(),
         _open: OpenStream,
     };
@@ -324,6 +351,8 @@ struct StreamState {
     outbox: Arc<dyn Outbox>,
     domain: String,
     after: Option<String>,
+    /// A resume point retention had passed, announced before anything else.
+    gap: Option<String>,
     shutdown: watch::Receiver<bool>,
     _open: OpenStream,
 }
@@ -331,6 +360,15 @@ struct StreamState {
 /// Waits for the next events after `st.after`: woken by local pushes, polling once a second
 /// for pushes made by other nodes; ends on shutdown.
 async fn next_events(mut st: StreamState) -> Option<(Vec<Result<Event, Infallible>>, StreamState)> {
+    if let Some(after) = st.gap.take() {
+        let data = serde_json::json!({
+            "type": "gap",
+            "after": after,
+            "detail": "events after this id were dropped by retention before this receiver resumed; resynchronise",
+        });
+        let event = Event::default().event("gap").data(data.to_string());
+        return Some((vec![Ok(event)], st));
+    }
     let notify = st.outbox.notifier(&st.domain);
     loop {
         if *st.shutdown.borrow() {
