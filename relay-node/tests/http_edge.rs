@@ -99,28 +99,12 @@ async fn messages_flow_both_ways_over_the_stream_and_resume_after_reconnect() ->
 
     // b disconnects; messages arrive meanwhile; b resumes after the last id it saw.
     let last_seen = {
-        let (s, _) = post(
-            &c,
-            &base,
-            "a.example",
-            SECRET_A,
-            &message("e2", "alice", "bob@b.example", "two"),
-        )
-        .await?;
-        ensure!(s == 202);
+        alice_to_bob(&c, &base, "e2", "two").await?;
         to_b.next(T).await?.id
     };
     drop(to_b);
     for i in 3..6 {
-        let (s, _) = post(
-            &c,
-            &base,
-            "a.example",
-            SECRET_A,
-            &message(&format!("e{i}"), "alice", "bob@b.example", &format!("n{i}")),
-        )
-        .await?;
-        ensure!(s == 202);
+        alice_to_bob(&c, &base, &format!("e{i}"), &format!("n{i}")).await?;
     }
     let mut resumed = Stream::open(&c, &base, "b.example", SECRET_B, Some(&last_seen)).await?;
     for i in 3..6 {
@@ -130,15 +114,7 @@ async fn messages_flow_both_ways_over_the_stream_and_resume_after_reconnect() ->
     resumed.expect_none(Duration::from_millis(300)).await?;
     // `$` starts with the next new event, skipping everything kept.
     let mut tail = Stream::open(&c, &base, "b.example", SECRET_B, Some("$")).await?;
-    let (s, _) = post(
-        &c,
-        &base,
-        "a.example",
-        SECRET_A,
-        &message("e6", "alice", "bob@b.example", "newest"),
-    )
-    .await?;
-    ensure!(s == 202);
+    alice_to_bob(&c, &base, "e6", "newest").await?;
     ensure!(tail.next(T).await?.data["text"] == "newest");
     ensure!(resumed.next(T).await?.data["text"] == "newest");
 
@@ -505,27 +481,11 @@ async fn a_receiver_back_after_the_retention_is_told_of_the_gap() -> Result<()> 
     let c = client()?;
     let base = node.http_url();
     let mut first = Stream::open(&c, &base, "b.example", SECRET_B, None).await?;
-    let (s, _) = post(
-        &c,
-        &base,
-        "a.example",
-        SECRET_A,
-        &message("g0", "alice", "bob@b.example", "m0"),
-    )
-    .await?;
-    ensure!(s == 202);
+    alice_to_bob(&c, &base, "g0", "m0").await?;
     let seen = first.next(T).await?.id;
     drop(first);
     for i in 1..6 {
-        let (s, _) = post(
-            &c,
-            &base,
-            "a.example",
-            SECRET_A,
-            &message(&format!("g{i}"), "alice", "bob@b.example", &format!("m{i}")),
-        )
-        .await?;
-        ensure!(s == 202);
+        alice_to_bob(&c, &base, &format!("g{i}"), &format!("m{i}")).await?;
     }
     // m1 and m2 fell out of the retention while b was away.
     let mut back = Stream::open(&c, &base, "b.example", SECRET_B, Some(&seen)).await?;

@@ -157,6 +157,22 @@ pub async fn post_until_accepted(
     }
 }
 
+/// alice@a.example sends `text` to bob@b.example; fails unless the relay answers 202.
+pub async fn alice_to_bob(c: &reqwest::Client, base: &str, id: &str, text: &str) -> Result<Value> {
+    let (s, acc) = post(
+        c,
+        base,
+        "a.example",
+        SECRET_A,
+        &message(id, "alice", "bob@b.example", text),
+    )
+    .await?;
+    if s != 202 {
+        bail!("alice's message {id} answered {s}: {acc}");
+    }
+    Ok(acc)
+}
+
 pub fn message(id: &str, from: &str, to: &str, text: &str) -> Value {
     serde_json::json!({"id": id, "type": "message", "from": from, "to": to, "text": text})
 }
