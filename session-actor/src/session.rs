@@ -87,7 +87,8 @@ pub enum SessionMsg {
         generation: u64,
         key: String,
         count: usize,
-        result: Result<Vec<Option<String>>, DeliveryError>,
+        /// On success, the native ids the recipient's platform gave (for some envelopes).
+        result: Result<Vec<NativeId>, DeliveryError>,
     },
     /// A recipient's backoff elapsed.
     Retry {
@@ -329,6 +330,10 @@ impl Actor for SessionActor {
                 if generation == state.generation {
                     state.last_activity = Instant::now();
                     state.on_delivered(&myself, key, count, result).await;
+                } else if let Ok(natives) = result {
+                    // A delivery that finished after a reload: its envelopes are requeued and
+                    // skipped by their lane, but the ids the recipient gave them still count.
+                    state.keep_natives(&myself, natives);
                 }
             }
             SessionMsg::Retry { generation, key } => {
@@ -409,6 +414,29 @@ impl SessionState {
         }
     }
 
+    /// Records native ids learnt outside the normal delivery path.
+    fn keep_natives(&mut self, myself: &ActorRef<SessionMsg>, natives: Vec<NativeId>) {
+        if natives.is_empty() {
+            return;
+        }
+        let Some(loaded) = self.loaded.as_mut() else {
+            self.carry.extend(natives);
+            return;
+        };
+        for n in natives {
+            loaded
+                .ids
+                .record(&n.relay_msg_id, &n.platform, &n.native_id);
+            loaded.pending.natives.push(n);
+        }
+        if !loaded.pending.scheduled {
+            loaded.pending.scheduled = true;
+            myself.send_after(self.deps.config.ack_flush_interval, || {
+                SessionMsg::FlushAcks
+            });
+        }
+    }
+
     /// Deliveries still owed to recipients.
     fn owed(&self) -> usize {
         match &self.loaded {
@@ -451,19 +479,9 @@ impl SessionState {
         }
         let keys: Vec<String> = loaded.recipients.keys().cloned().collect();
         debug!(session_id = %self.id, epoch = loaded.epoch, last_seq = loaded.last_seq, resumed, "session loaded");
-        for n in self.carry.drain(..) {
-            loaded
-                .ids
-                .record(&n.relay_msg_id, &n.platform, &n.native_id);
-            loaded.pending.natives.push(n);
-        }
-        if !loaded.pending.natives.is_empty() {
-            loaded.pending.scheduled = true;
-            myself.send_after(self.deps.config.ack_flush_interval, || {
-                SessionMsg::FlushAcks
-            });
-        }
         self.loaded = Some(loaded);
+        let carried = std::mem::take(&mut self.carry);
+        self.keep_natives(myself, carried);
         for k in keys {
             self.kick(myself, &k);
         }
@@ -704,16 +722,17 @@ impl SessionState {
                 } else {
                     outbound.deliver(&addr, &fresh).await.map(|natives| {
                         *delivered = fresh.last().map_or(done, |e| e.seq);
-                        // Realign native ids with the whole batch (skipped ones have none).
-                        let mut natives = natives.into_iter();
-                        batch
+                        fresh
                             .iter()
-                            .map(|e| {
-                                if e.seq > done {
-                                    natives.next().flatten()
-                                } else {
-                                    None
-                                }
+                            .zip(natives)
+                            .filter_map(|(e, n)| {
+                                let native_id = n.filter(|n| !n.is_empty())?;
+                                Some(NativeId {
+                                    relay_msg_id: e.relay_msg_id.clone(),
+                                    platform: space.clone(),
+                                    native_id,
+                                    seq: e.seq,
+                                })
                             })
                             .collect()
                     })
@@ -739,7 +758,7 @@ impl SessionState {
         myself: &ActorRef<SessionMsg>,
         key: String,
         count: usize,
-        result: Result<Vec<Option<String>>, DeliveryError>,
+        result: Result<Vec<NativeId>, DeliveryError>,
     ) {
         let cfg = self.deps.config.clone();
         let Some(loaded) = self.loaded.as_mut() else {
@@ -755,21 +774,17 @@ impl SessionState {
                 r.attempts = 0;
                 r.stalls = 0;
                 r.isolate = false;
-                let natives = natives.into_iter().chain(std::iter::repeat(None));
-                for native in natives.take(count) {
+                for _ in 0..count {
                     let Some(env) = r.queue.pop_front() else {
                         break;
                     };
                     r.delivered = r.delivered.max(env.seq);
-                    if let Some(native) = native.filter(|n| !n.is_empty()) {
-                        loaded.ids.record(&env.relay_msg_id, &r.space, &native);
-                        loaded.pending.natives.push(NativeId {
-                            relay_msg_id: env.relay_msg_id.clone(),
-                            platform: r.space.clone(),
-                            native_id: native,
-                            seq: env.seq,
-                        });
-                    }
+                }
+                for n in natives {
+                    loaded
+                        .ids
+                        .record(&n.relay_msg_id, &n.platform, &n.native_id);
+                    loaded.pending.natives.push(n);
                 }
                 metrics::counter!("fedrelay_deliveries_total", "outcome" => "delivered")
                     .increment(count as u64);

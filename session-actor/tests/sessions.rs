@@ -195,6 +195,7 @@ on_both_stores!(
     an_ambiguous_store_error_still_delivers_without_new_traffic,
     a_recipient_far_behind_pushes_back_on_senders,
     relay_side_failures_do_not_use_up_the_recipients_attempts,
+    a_delivery_finishing_after_a_reload_keeps_its_native_id,
     store_conformance,
 );
 
@@ -701,5 +702,91 @@ async fn redis_outbox_dedups_and_reports_what_retention_dropped() -> Result<()> 
     );
     let tail = outbox.last_id("d.example").await?;
     ensure!(!outbox.dropped_after("d.example", &tail).await?);
+    Ok(())
+}
+
+/// Holds its first delivery until released, then answers like `Recorder`.
+struct Gated {
+    inner: Arc<Recorder>,
+    gate: tokio::sync::Notify,
+    held: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl Outbound for Gated {
+    async fn deliver(
+        &self,
+        recipient: &Address,
+        batch: &[Arc<Envelope>],
+    ) -> Result<Vec<Option<String>>, DeliveryError> {
+        if !self.held.swap(true, Ordering::SeqCst) {
+            self.gate.notified().await;
+        }
+        self.inner.deliver(recipient, batch).await
+    }
+}
+
+async fn a_delivery_finishing_after_a_reload_keeps_its_native_id(b: Backend) -> Result<()> {
+    let s = stores(b)?;
+    let store = Arc::new(PanickingStore {
+        inner: s.store.clone(),
+        appends: AtomicU32::new(0),
+        panic_on: vec![],
+        lose_answer_on: vec![2],
+    });
+    let rec = Recorder::ok();
+    let gated = Arc::new(Gated {
+        inner: rec.clone(),
+        gate: tokio::sync::Notify::new(),
+        held: std::sync::atomic::AtomicBool::new(false),
+    });
+    let deps = SessionDeps {
+        store,
+        outbound: gated.clone(),
+        metadata: Arc::new(NoMetadata),
+        config: Arc::new(fast_config()),
+    };
+    let sup = SupervisorHandle::start(deps).await?.0;
+    let first = sup
+        .route(envelope(&alice(), &bob(), "t-1", text("one")))
+        .await?;
+    wait_for("the first delivery to be held", WAIT, || async {
+        gated.held.load(Ordering::SeqCst).then_some(())
+    })
+    .await?;
+    // The second append's answer is lost: the session drops its view and reloads while the
+    // first delivery is still with the edge.
+    let _ = sup
+        .route(envelope(&alice(), &bob(), "t-2", text("two")))
+        .await;
+    sup.route(envelope(&alice(), &bob(), "t-3", text("three")))
+        .await?;
+    gated.gate.notify_one();
+    rec.wait_count("bob", 3).await?;
+    // Alice edits her first message: bob's copy is named by the id bob's platform gave it.
+    let edit = Body::Edit(v1::Edit {
+        target: Some(v1::MessageRef {
+            relay_msg_id: String::new(),
+            native_id: "t-1".into(),
+        }),
+        new_body: Some(v1::Text {
+            plain: "one!".into(),
+            rich: vec![],
+        }),
+    });
+    sup.route(envelope(&alice(), &bob(), "t-4", edit)).await?;
+    let got = rec.wait_count("bob", 4).await?;
+    let target = got[3]
+        .body
+        .as_ref()
+        .and_then(Body::target)
+        .context("edit target")?;
+    ensure!(target.relay_msg_id == first.relay_msg_id);
+    ensure!(
+        target.native_id == format!("xmpp-{}", first.relay_msg_id),
+        "bob's id for the message was lost: {:?}",
+        target.native_id
+    );
+    ensure!(rec.to("bob").len() == 4, "duplicates delivered");
     Ok(())
 }
