@@ -65,26 +65,19 @@ async fn redis_killed_between_messages_then_restarted_loses_nothing_acked() -> R
     );
 
     redis.restart()?;
-    // The origin retries the refused events (same ids) until they are accepted.
-    for i in 0..3 {
-        let ev = message(
-            &format!("down{i}"),
-            "alice",
-            "bob@b.example",
-            &format!("down {i}"),
-        );
-        post_until_accepted(&c, &base, "a.example", SECRET_A, &ev, T).await?;
-        acked.push(format!("down {i}"));
-    }
-    for i in 0..3 {
-        let ev = message(
-            &format!("after{i}"),
-            "alice",
-            "bob@b.example",
-            &format!("after {i}"),
-        );
-        post_until_accepted(&c, &base, "a.example", SECRET_A, &ev, T).await?;
-        acked.push(format!("after {i}"));
+    // The origin retries the refused events (same ids) until they are accepted; then new
+    // events flow again.
+    for label in ["down", "after"] {
+        for i in 0..3 {
+            let ev = message(
+                &format!("{label}{i}"),
+                "alice",
+                "bob@b.example",
+                &format!("{label} {i}"),
+            );
+            post_until_accepted(&c, &base, "a.example", SECRET_A, &ev, T).await?;
+            acked.push(format!("{label} {i}"));
+        }
     }
 
     // Everything acknowledged reaches bob once, in order.

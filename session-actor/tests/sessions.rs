@@ -116,6 +116,20 @@ fn text(s: &str) -> Body {
     })
 }
 
+/// An edit naming its target by the sender platform's own id.
+fn edit_of(native: &str, new_text: &str) -> Body {
+    Body::Edit(v1::Edit {
+        target: Some(v1::MessageRef {
+            relay_msg_id: String::new(),
+            native_id: native.into(),
+        }),
+        new_body: Some(v1::Text {
+            plain: new_text.into(),
+            rich: vec![],
+        }),
+    })
+}
+
 fn plain(e: &Envelope) -> Option<&str> {
     match e.body.as_ref()? {
         Body::Text(t) => Some(&t.plain),
@@ -266,16 +280,7 @@ async fn edits_deletes_and_reactions_land_on_the_right_message(b: Backend) -> Re
     out.wait_count("bob", 2).await?;
 
     // Alice edits her first message, naming it by her platform's id.
-    let edit = Body::Edit(v1::Edit {
-        target: Some(v1::MessageRef {
-            relay_msg_id: String::new(),
-            native_id: "t-1".into(),
-        }),
-        new_body: Some(v1::Text {
-            plain: "first (edited)".into(),
-            rich: vec![],
-        }),
-    });
+    let edit = edit_of("t-1", "first (edited)");
     sup.route(envelope(&alice(), &bob(), "t-3", edit)).await?;
     // Bob reacts to the second, naming it by the id *his* platform gave it on delivery.
     let reaction = Body::Reaction(v1::Reaction {
@@ -764,16 +769,7 @@ async fn a_delivery_finishing_after_a_reload_keeps_its_native_id(b: Backend) -> 
     gated.gate.notify_one();
     rec.wait_count("bob", 3).await?;
     // Alice edits her first message: bob's copy is named by the id bob's platform gave it.
-    let edit = Body::Edit(v1::Edit {
-        target: Some(v1::MessageRef {
-            relay_msg_id: String::new(),
-            native_id: "t-1".into(),
-        }),
-        new_body: Some(v1::Text {
-            plain: "one!".into(),
-            rich: vec![],
-        }),
-    });
+    let edit = edit_of("t-1", "one!");
     sup.route(envelope(&alice(), &bob(), "t-4", edit)).await?;
     let got = rec.wait_count("bob", 4).await?;
     let target = got[3]
