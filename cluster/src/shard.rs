@@ -27,6 +27,11 @@ impl ShardMap {
         &self.members
     }
 
+    /// The member with this id, if it is one.
+    pub fn member(&self, node_id: &str) -> Option<&Member> {
+        self.members.iter().find(|m| m.node_id == node_id)
+    }
+
     /// The member with the highest score for `id`, or `None` with no members.
     pub fn owner(&self, id: &SessionId) -> Option<&Member> {
         self.members.iter().max_by_key(|m| score(&m.node_id, id))
@@ -49,10 +54,7 @@ mod tests {
 
     fn members(n: usize) -> Vec<Member> {
         (0..n)
-            .map(|i| Member {
-                node_id: format!("node-{i}"),
-                grpc_addr: format!("10.0.0.{i}:7000"),
-            })
+            .map(|i| Member::new(format!("node-{i}"), format!("10.0.0.{i}:7000")))
             .collect()
     }
 

@@ -1,10 +1,11 @@
-//! The admin listener: liveness, readiness and Prometheus metrics.
+//! The admin listener: liveness, readiness, Prometheus metrics and the cluster view.
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use cluster::ClusterNode;
 use metrics_exporter_prometheus::PrometheusHandle;
 use session_actor::SessionStore;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ pub struct AdminState {
     pub metrics: PrometheusHandle,
     /// True from SIGTERM on: the node is leaving, so it is not ready.
     pub draining: AtomicBool,
+    pub cluster: Arc<ClusterNode>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -22,6 +24,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/cluster", get(cluster_view))
         .with_state(state)
 }
 
@@ -29,10 +32,38 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
     if s.draining.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining");
     }
+    if !s.cluster.membership.is_member() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not a cluster member");
+    }
     match s.store.ping().await {
         Ok(()) => (StatusCode::OK, "ready"),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable"),
     }
+}
+
+/// `GET /cluster`: this node's view (members, revision) and every member's own counts.
+async fn cluster_view(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
+    let me = s.cluster.status().await;
+    let nodes = s.cluster.cluster_status().await;
+    let node_json = |n: &fedrelay_proto::v1::NodeStatus| {
+        serde_json::json!({
+            "node_id": n.node_id,
+            "grpc_addr": n.grpc_addr,
+            "version": n.version,
+            "ready": n.ready,
+            "revision": n.revision,
+            "sessions_active": n.sessions_active,
+            "handoffs_in_flight": n.handoffs_in_flight,
+            "presence_active": n.presence_active,
+        })
+    };
+    axum::Json(serde_json::json!({
+        "node_id": me.node_id,
+        "revision": me.revision,
+        "ready": me.ready && !s.draining.load(Ordering::Relaxed),
+        "handoffs_in_flight": me.handoffs_in_flight,
+        "members": nodes.iter().map(node_json).collect::<Vec<_>>(),
+    }))
 }
 
 async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
@@ -106,6 +137,26 @@ pub fn install_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus
         "metadata log entries, by category"
     );
     metrics::describe_gauge!("fedrelay_http_streams_open", "open HTTP-edge event streams");
+    metrics::describe_counter!(
+        "fedrelay_forwarded_total",
+        "envelopes forwarded to their session's owner on another node"
+    );
+    metrics::describe_counter!(
+        "fedrelay_peer_refused_total",
+        "forwards refused with a retryable error, by reason (queue_full, timeout)"
+    );
+    metrics::describe_counter!(
+        "fedrelay_session_handoffs_total",
+        "sessions handed to another owner after a membership change"
+    );
+    metrics::describe_gauge!(
+        "fedrelay_cluster_members",
+        "members in this node's shard map"
+    );
+    metrics::describe_gauge!(
+        "fedrelay_cluster_revision",
+        "etcd revision of this node's shard map"
+    );
     metrics::describe_counter!(
         "fedrelay_backpressure_total",
         "messages refused because a recipient had too many undelivered"

@@ -49,6 +49,8 @@ pub struct Config {
     #[serde(default)]
     pub runtime: RuntimeConfig,
     #[serde(default)]
+    pub cluster: ClusterConfig,
+    #[serde(default)]
     pub domains: Vec<DomainConfig>,
     #[serde(default)]
     pub federation: Vec<FederationRule>,
@@ -299,6 +301,72 @@ pub struct FederationRule {
     pub between: [String; 2],
 }
 
+/// How this node finds the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MembershipKind {
+    /// This node alone (`--dev`, single-node deployments).
+    Static,
+    /// Registered in etcd with a lease; the member set is watched.
+    Etcd,
+}
+
+/// The cluster: membership, the gRPC listener for peers, and the links to them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub membership: MembershipKind,
+    /// Cluster name: the etcd key prefix is `/fedrelay/<name>/`.
+    pub name: String,
+    pub etcd_endpoints: Vec<String>,
+    /// A node that stops renewing its lease (dead, paused, cut off) drops out after this.
+    pub lease_ttl_secs: u64,
+    /// Where peers' gRPC (sessions, presence, status) is served.
+    pub grpc_listen: Option<SocketAddr>,
+    /// The address registered for peers to dial (a pod's DNS name); default `grpc_listen`.
+    pub grpc_advertise: Option<String>,
+    /// mTLS between nodes: this node's certificate and key, and the CA that signed every
+    /// node's certificate. All three, or none.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    /// The name peers' certificates are checked against; default the host of their address.
+    pub tls_server_name: Option<String>,
+    /// How long a forwarded envelope may wait for the owner's ack before the origin gets a
+    /// retryable error.
+    pub forward_timeout_ms: u64,
+    /// Envelopes per batch on a peer stream, and how long a batch may wait to fill.
+    pub max_batch: usize,
+    pub flush_delay_us: u64,
+    /// Envelopes queued per peer before senders get a retryable error.
+    pub peer_queue: usize,
+    /// Besides on every membership change, scan for owned sessions owing deliveries this
+    /// often (0: never).
+    pub resume_scan_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            membership: MembershipKind::Static,
+            name: "default".into(),
+            etcd_endpoints: Vec::new(),
+            lease_ttl_secs: 5,
+            grpc_listen: None,
+            grpc_advertise: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            tls_server_name: None,
+            forward_timeout_ms: 5_000,
+            max_batch: 256,
+            flush_delay_us: 200,
+            peer_queue: 8_192,
+            resume_scan_secs: 60,
+        }
+    }
+}
+
 /// `relay-node --dev`: one node, in-memory store, the HTTP edge on localhost with two demo
 /// domains that may talk to each other. The secrets are public: never use them elsewhere.
 pub const DEV_CONFIG: &str = r#"
@@ -441,6 +509,38 @@ impl Config {
         {
             return bad("sizes and batch limits must be positive".into());
         }
+        let c = &self.cluster;
+        if c.membership == MembershipKind::Etcd {
+            if c.etcd_endpoints.is_empty() {
+                return bad("cluster: membership = \"etcd\" needs `etcd_endpoints`".into());
+            }
+            if c.grpc_listen.is_none() {
+                return bad("cluster: membership = \"etcd\" needs `grpc_listen`".into());
+            }
+            if self.store.backend != StoreBackend::Redis {
+                return bad(
+                    "cluster: nodes of a cluster share their sessions in Redis; set store.backend = \"redis\"".into(),
+                );
+            }
+            if c.lease_ttl_secs < 2 {
+                return bad("cluster: lease_ttl_secs must be at least 2".into());
+            }
+        }
+        if c.name.is_empty() || c.name.contains('/') {
+            return bad("cluster: `name` must be non-empty and contain no `/`".into());
+        }
+        let tls_parts = [&c.tls_cert, &c.tls_key, &c.tls_ca]
+            .iter()
+            .filter(|p| p.is_some())
+            .count();
+        if tls_parts != 0 && tls_parts != 3 {
+            return bad(
+                "cluster: give `tls_cert`, `tls_key` and `tls_ca` together, or none".into(),
+            );
+        }
+        if c.max_batch == 0 || c.peer_queue == 0 || c.forward_timeout_ms == 0 {
+            return bad("cluster: batch, queue and timeout must be positive".into());
+        }
         if let Some(e) = &self.telemetry.otlp_endpoint
             && !(e.starts_with("http://") || e.starts_with("https://"))
         {
@@ -483,10 +583,14 @@ impl Config {
             .collect()
     }
 
+    /// The configured node id, else the host name — a StatefulSet pod's name
+    /// (`fedrelay-2`), which keeps its ordinal across restarts.
     pub fn node_id(&self) -> String {
         self.node_id.clone().unwrap_or_else(|| {
             std::env::var("HOSTNAME")
                 .ok()
+                .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+                .map(|h| h.trim().to_string())
                 .filter(|h| !h.is_empty())
                 .unwrap_or_else(|| "node-1".into())
         })

@@ -1,18 +1,27 @@
 //! Assembling and running one relay node.
 //!
-//! store + outbox + metadata log → session supervisor (delivering through the edges) →
-//! router (the edges' ingress) → HTTP edge and admin listeners. On shutdown: not ready, stop
-//! accepting, finish in-flight requests, let sessions finish their deliveries (bounded by the
-//! drain deadline), flush the metadata log, exit.
+//! store + outbox + metadata log → membership (static, or etcd) → session supervisor
+//! (hosting the sessions this node owns, delivering through the edges) → cluster node
+//! (router = the edges' ingress, gRPC for peers, presence) → HTTP edge and admin listeners.
+//!
+//! On shutdown: not ready; in a cluster, leave etcd first, so the other nodes take the
+//! sessions over at once while this node hands them off after their in-flight appends;
+//! stop accepting, finish in-flight requests; on a single node, let sessions finish their
+//! deliveries instead. All of it bounded by the drain deadline; then flush the metadata log
+//! and exit.
 
 use crate::admin::{self, AdminState};
-use crate::config::{Config, StoreBackend};
+use crate::config::{ClusterConfig, Config, MembershipKind, StoreBackend};
 use crate::control::metadata::MetadataLog;
 use crate::control::policy::Policy;
 use crate::edges::{Edges, http};
 use crate::serve;
 use anyhow::Context;
-use cluster::{Router, StaticMembership};
+use cluster::presence::{MemoryPresenceStore, Presence, PresenceStore, RedisPresenceStore};
+use cluster::{
+    ClusterNode, ClusterNodeConfig, EtcdConfig, EtcdMembership, MapOwnership, Member, Membership,
+    PeerConfig, StaticMembership,
+};
 use metrics_exporter_prometheus::PrometheusHandle;
 use session_actor::store::{
     MemoryOutbox, MemoryStore, Outbox, RedisOutbox, RedisStore, RedisStoreConfig,
@@ -33,56 +42,91 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let node_id = cfg.node_id();
-    let (store, outbox, metadata, metadata_task): (
-        Arc<dyn SessionStore>,
-        Arc<dyn Outbox>,
-        MetadataLog,
-        _,
-    ) = match cfg.store.backend {
-        StoreBackend::Memory => {
-            let (log, task) = MetadataLog::memory(cfg.metadata.memory_capacity);
-            (
-                Arc::new(MemoryStore::new()),
-                Arc::new(MemoryOutbox::new(cfg.http.stream_retention)),
-                log,
-                task,
-            )
-        }
-        StoreBackend::Redis => {
-            let mut rcfg = RedisStoreConfig::new(cfg.store.redis_url.clone());
-            rcfg.key_prefix = cfg.store.key_prefix.clone();
-            rcfg.response_timeout = Duration::from_millis(cfg.store.response_timeout_ms);
-            let store = RedisStore::new(&rcfg).context("redis store")?;
-            let (log, task) = MetadataLog::redis(
-                store.connection(),
-                &cfg.store.key_prefix,
-                cfg.metadata.retention_days,
-            );
-            let outbox =
-                RedisOutbox::new(&rcfg, cfg.http.stream_retention).context("redis outbox")?;
-            (Arc::new(store), Arc::new(outbox), log, task)
-        }
-    };
+    let Stores {
+        store,
+        outbox,
+        metadata,
+        metadata_task,
+        presence: presence_store,
+    } = open_stores(&cfg)?;
     let metadata_sink: Arc<dyn MetadataSink> = Arc::new(metadata.clone());
 
     let domains = Arc::new(http::Domains::from_config(&cfg)?);
     let http_out = Arc::new(
         http::HttpOutbound::new(&domains, outbox.clone(), &cfg.http).context("webhook client")?,
     );
+    let edges: Arc<Edges> = Arc::new(Edges { http: http_out });
     let deps = SessionDeps {
         store: store.clone(),
-        outbound: Arc::new(Edges { http: http_out }),
+        outbound: edges.clone(),
         metadata: metadata_sink.clone(),
         config: Arc::new(cfg.session.to_session_config()),
     };
-    let (supervisor, supervisor_task) = SupervisorHandle::start(deps).await?;
-    let router = Arc::new(Router::new(
-        node_id.clone(),
-        Arc::new(StaticMembership::single(&node_id)),
-        supervisor.clone(),
-    ));
 
+    // Peers may dial this node as soon as it is registered: listen first.
+    let grpc_listener = match cfg.cluster.grpc_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the cluster gRPC listener to {addr}"))?,
+        ),
+        None => None,
+    };
+    let grpc_addr = match (&cfg.cluster.grpc_advertise, &grpc_listener) {
+        (Some(a), _) => a.clone(),
+        (None, Some(l)) => l.local_addr()?.to_string(),
+        (None, None) => String::new(),
+    };
+    let (client_tls, server_tls) = cluster_tls(&cfg.cluster)?;
+    let membership: Arc<dyn Membership> = match cfg.cluster.membership {
+        MembershipKind::Static => Arc::new(StaticMembership::new(
+            &node_id,
+            vec![Member::new(&node_id, &grpc_addr)],
+        )),
+        MembershipKind::Etcd => EtcdMembership::start(EtcdConfig {
+            endpoints: cfg.cluster.etcd_endpoints.clone(),
+            prefix: format!("/fedrelay/{}/", cfg.cluster.name),
+            lease_ttl: Duration::from_secs(cfg.cluster.lease_ttl_secs),
+            me: Member::new(&node_id, &grpc_addr),
+        })
+        .await
+        .context("joining the cluster in etcd")?,
+    };
+    let (supervisor, supervisor_task) =
+        SupervisorHandle::start_owning(deps, Arc::new(MapOwnership(membership.clone()))).await?;
+    let presence = Presence::new(
+        membership.clone(),
+        presence_store,
+        edges.clone(),
+        client_tls.clone(),
+    );
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (grpc_stop_tx, grpc_stop_rx) = watch::channel(false);
+    let cluster = ClusterNode::start(
+        membership.clone(),
+        supervisor.clone(),
+        store.clone(),
+        presence,
+        ClusterNodeConfig {
+            peers: PeerConfig {
+                max_batch: cfg.cluster.max_batch,
+                flush_delay: Duration::from_micros(cfg.cluster.flush_delay_us),
+                queue: cfg.cluster.peer_queue,
+                max_in_flight: cfg.cluster.peer_queue,
+                forward_timeout: Duration::from_millis(cfg.cluster.forward_timeout_ms),
+                connect_timeout: Duration::from_secs(1),
+                tls: client_tls,
+            },
+            grpc_addr: grpc_addr.clone(),
+            server_tls,
+            resume_scan: Duration::from_secs(cfg.cluster.resume_scan_secs),
+        },
+        grpc_listener,
+        grpc_stop_rx,
+    )
+    .await?;
+    let router = cluster.router.clone();
+
     let inbound = Arc::new(http::Inbound {
         domains,
         policy: Arc::new(Policy::from_config(&cfg)),
@@ -100,6 +144,7 @@ pub async fn run(
         store,
         metrics,
         draining: Default::default(),
+        cluster: cluster.clone(),
     });
 
     let http_listener = TcpListener::bind(cfg.http.listen)
@@ -127,6 +172,8 @@ pub async fn run(
         http = %http_addr,
         tls = tls.is_some(),
         admin = %admin_addr,
+        grpc = %grpc_addr,
+        membership = ?cfg.cluster.membership,
         store = ?cfg.store.backend,
         "relay node running"
     );
@@ -135,30 +182,61 @@ pub async fn run(
     let deadline = Instant::now() + Duration::from_secs(cfg.shutdown.drain_timeout_secs);
     info!("shutting down: draining");
     admin_state.draining.store(true, Ordering::Relaxed);
+    let clustered = cfg.cluster.membership != MembershipKind::Static;
+    if clustered {
+        // Deregister first: the others take this node's sessions over now, not after the
+        // lease TTL, and this node hands them off once their in-flight appends are done.
+        if let Err(e) = membership.leave().await {
+            warn!(error = %e, "could not deregister; peers notice when the lease expires");
+        }
+    }
     let _ = stop_tx.send(true);
     // In-flight requests finish their appends; no new ones are accepted.
     match tokio::time::timeout_at(deadline.into(), http_server).await {
         Ok(_) => {}
         Err(_) => warn!("in-flight requests did not finish before the drain deadline"),
     }
-    // Sessions finish what they owe, within the deadline; the rest waits in the store.
-    loop {
-        match supervisor.drain().await {
-            Ok(0) => break,
-            Ok(owed) if Instant::now() >= deadline => {
-                warn!(
-                    owed,
-                    "drain deadline reached; undelivered messages stay journaled"
-                );
-                break;
+    if clustered {
+        // Envelopes peers still send here are forwarded to the new owners meanwhile.
+        loop {
+            match supervisor.stats().await {
+                Ok(s) if s.active == 0 => break,
+                Ok(s) if Instant::now() >= deadline => {
+                    warn!(
+                        sessions = s.active,
+                        "drain deadline reached before every session was handed off"
+                    );
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "drain failed");
+                    break;
+                }
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
-            Err(e) => {
-                warn!(error = %e, "drain failed");
-                break;
-            }
-            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
+    // Sessions finish what they owe, within the deadline; the rest waits in the store.
+    if !clustered {
+        loop {
+            match supervisor.drain().await {
+                Ok(0) => break,
+                Ok(owed) if Instant::now() >= deadline => {
+                    warn!(
+                        owed,
+                        "drain deadline reached; undelivered messages stay journaled"
+                    );
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "drain failed");
+                    break;
+                }
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+    let _ = grpc_stop_tx.send(true);
     supervisor.stop();
     let _ = supervisor_task.await;
     let flush_left = deadline
@@ -176,4 +254,74 @@ pub async fn run(
     let _ = admin_server.await;
     info!("stopped");
     Ok(())
+}
+
+/// The gRPC client and server TLS settings for mTLS between nodes, when configured.
+fn cluster_tls(
+    c: &ClusterConfig,
+) -> anyhow::Result<(
+    Option<tonic::transport::ClientTlsConfig>,
+    Option<tonic::transport::ServerTlsConfig>,
+)> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+    let (Some(cert), Some(key), Some(ca)) = (&c.tls_cert, &c.tls_key, &c.tls_ca) else {
+        return Ok((None, None));
+    };
+    let read =
+        |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let identity = Identity::from_pem(read(cert)?, read(key)?);
+    let ca = Certificate::from_pem(read(ca)?);
+    let mut client = ClientTlsConfig::new()
+        .ca_certificate(ca.clone())
+        .identity(identity.clone());
+    if let Some(name) = &c.tls_server_name {
+        client = client.domain_name(name.clone());
+    }
+    let server = ServerTlsConfig::new().identity(identity).client_ca_root(ca);
+    Ok((Some(client), Some(server)))
+}
+
+/// Where the node keeps its state.
+struct Stores {
+    store: Arc<dyn SessionStore>,
+    outbox: Arc<dyn Outbox>,
+    metadata: MetadataLog,
+    metadata_task: tokio::task::JoinHandle<()>,
+    presence: Arc<dyn PresenceStore>,
+}
+
+fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
+    Ok(match cfg.store.backend {
+        StoreBackend::Memory => {
+            let (log, task) = MetadataLog::memory(cfg.metadata.memory_capacity);
+            Stores {
+                store: Arc::new(MemoryStore::new()),
+                outbox: Arc::new(MemoryOutbox::new(cfg.http.stream_retention)),
+                metadata: log,
+                metadata_task: task,
+                presence: Arc::new(MemoryPresenceStore::default()),
+            }
+        }
+        StoreBackend::Redis => {
+            let mut rcfg = RedisStoreConfig::new(cfg.store.redis_url.clone());
+            rcfg.key_prefix = cfg.store.key_prefix.clone();
+            rcfg.response_timeout = Duration::from_millis(cfg.store.response_timeout_ms);
+            let store = RedisStore::new(&rcfg).context("redis store")?;
+            let (log, task) = MetadataLog::redis(
+                store.connection(),
+                &cfg.store.key_prefix,
+                cfg.metadata.retention_days,
+            );
+            let outbox =
+                RedisOutbox::new(&rcfg, cfg.http.stream_retention).context("redis outbox")?;
+            let presence = RedisPresenceStore::new(store.connection(), &cfg.store.key_prefix);
+            Stores {
+                store: Arc::new(store),
+                outbox: Arc::new(outbox),
+                metadata: log,
+                metadata_task: task,
+                presence: Arc::new(presence),
+            }
+        }
+    })
 }

@@ -43,12 +43,18 @@ pub enum SessionError {
     /// The session is restarting or the node is draining; the origin should retry.
     #[error("session unavailable: {0}")]
     Unavailable(String),
+    /// This node does not own the session (ownership moved); route it again.
+    #[error("this node does not own session {0}")]
+    NotOwner(String),
 }
 
 impl SessionError {
     /// Whether the origin platform should send the event again later.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, SessionError::Store(_) | SessionError::Unavailable(_))
+        matches!(
+            self,
+            SessionError::Store(_) | SessionError::Unavailable(_) | SessionError::NotOwner(_)
+        )
     }
 
     /// A stable, content-free code for protocol answers and metrics.
@@ -59,6 +65,19 @@ impl SessionError {
             SessionError::NotAllowed(_) => "not_allowed",
             SessionError::Store(_) => "store_unavailable",
             SessionError::Unavailable(_) => "unavailable",
+            SessionError::NotOwner(_) => "not_owner",
+        }
+    }
+
+    /// Rebuilds an error from its [`SessionError::code`] and detail, as it crosses nodes.
+    pub fn from_code(code: &str, detail: String) -> Self {
+        match code {
+            "invalid" => SessionError::Invalid(detail),
+            "unknown_target" => SessionError::UnknownTarget,
+            "not_allowed" => SessionError::NotAllowed(detail),
+            "store_unavailable" => SessionError::Store(StoreError::Unavailable(detail)),
+            "not_owner" => SessionError::NotOwner(detail),
+            _ => SessionError::Unavailable(detail),
         }
     }
 }

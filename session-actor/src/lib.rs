@@ -36,4 +36,4 @@ pub use metadata::{MetadataEntry, MetadataSink};
 pub use outbound::{DeliveryError, Outbound};
 pub use session::{Accepted, SessionActor, SessionConfig, SessionDeps};
 pub use store::SessionStore;
-pub use supervisor::{SessionSupervisor, SupervisorHandle, SupervisorStats};
+pub use supervisor::{Ownership, OwnsAll, SessionSupervisor, SupervisorHandle, SupervisorStats};

@@ -101,6 +101,9 @@ pub enum SessionMsg {
     Hibernate,
     /// Flush progress and report how many deliveries are still owed (draining).
     Drain(RpcReplyPort<usize>),
+    /// Another node owns this session now: persist progress and stop. Envelopes already in
+    /// the mailbox were appended before this arrives; the new owner resumes the rest.
+    Handoff,
 }
 
 /// Everything a session needs from its node.
@@ -168,6 +171,8 @@ pub struct SessionState {
     reload_failures: u32,
     /// Native ids learnt but not yet written when the view was dropped.
     carry: Vec<NativeId>,
+    /// The session is in the store's index of sessions that may owe deliveries.
+    indexed: bool,
 }
 
 struct Loaded {
@@ -284,6 +289,7 @@ impl Actor for SessionActor {
             reload_scheduled: false,
             reload_failures: 0,
             carry: Vec::new(),
+            indexed: false,
         })
     }
 
@@ -364,6 +370,11 @@ impl Actor for SessionActor {
             }
             SessionMsg::Hibernate => {
                 if state.is_idle() {
+                    // Best effort: a session left in the index is loaded by its next owner,
+                    // finds nothing owed, and hibernates again.
+                    if let Err(e) = state.deps.store.mark_idle(state.id).await {
+                        debug!(session_id = %state.id, error = %e, "could not unindex session");
+                    }
                     myself.stop(Some("hibernate".into()));
                 } else {
                     let _ = state
@@ -374,6 +385,12 @@ impl Actor for SessionActor {
             SessionMsg::Drain(reply) => {
                 let _ = state.flush_acks(&myself).await;
                 let _ = reply.send(state.owed());
+            }
+            SessionMsg::Handoff => {
+                if let Err(e) = state.flush_acks(&myself).await {
+                    debug!(session_id = %state.id, error = %e, "progress not persisted at handoff; the new owner redelivers");
+                }
+                myself.stop(Some("handoff".into()));
             }
         }
         Ok(())
@@ -510,6 +527,12 @@ impl SessionState {
         self.ensure_loaded(myself).await?;
         let id = self.id;
         let store = self.deps.store.clone();
+        if !self.indexed {
+            // Before the first append of this actor: whoever owns the session next must find
+            // it, even if this node dies with deliveries owed.
+            store.mark_active(id).await?;
+            self.indexed = true;
+        }
         let Some(loaded) = self.loaded.as_mut() else {
             return Err(SessionError::Unavailable("session not loaded".into()));
         };

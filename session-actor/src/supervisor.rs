@@ -34,6 +34,25 @@ pub enum SupervisorMsg {
     /// Stop taking envelopes; answer how many deliveries sessions still owe.
     Drain(RpcReplyPort<usize>),
     Stats(RpcReplyPort<SupervisorStats>),
+    /// Ownership changed: hand off the sessions this node no longer owns.
+    Rebalance,
+    /// Start these sessions (owed deliveries to resume) if this node owns them.
+    Ensure(Vec<SessionId>),
+}
+
+/// Which sessions this node owns; asked on every start and every rebalance.
+pub trait Ownership: Send + Sync + 'static {
+    fn owns(&self, id: &SessionId) -> bool;
+}
+
+/// A node that owns every session (single node, tests).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OwnsAll;
+
+impl Ownership for OwnsAll {
+    fn owns(&self, _id: &SessionId) -> bool {
+        true
+    }
 }
 
 /// Counts for health pages and tests.
@@ -42,6 +61,9 @@ pub struct SupervisorStats {
     pub active: usize,
     pub hibernated_total: u64,
     pub restarts_total: u64,
+    /// Sessions finishing their in-flight appends before another node takes them over.
+    pub handoffs_in_flight: usize,
+    pub handoffs_total: u64,
 }
 
 enum Slot {
@@ -53,12 +75,15 @@ enum Slot {
     Restarting {
         held: Vec<(Box<Envelope>, AcceptReply)>,
     },
+    /// Told to hand off: finishing what is in its mailbox; new envelopes go elsewhere.
+    HandingOff(ActorRef<SessionMsg>),
 }
 
 pub struct SessionSupervisor;
 
 pub struct SupervisorState {
     deps: SessionDeps,
+    ownership: Arc<dyn Ownership>,
     slots: HashMap<SessionId, Slot>,
     by_actor: HashMap<ActorId, SessionId>,
     /// Delivery lanes of every session not hibernated, surviving its actor's restarts.
@@ -72,15 +97,16 @@ pub struct SupervisorState {
 impl Actor for SessionSupervisor {
     type Msg = SupervisorMsg;
     type State = SupervisorState;
-    type Arguments = SessionDeps;
+    type Arguments = (SessionDeps, Arc<dyn Ownership>);
 
     async fn pre_start(
         &self,
         _myself: ActorRef<Self::Msg>,
-        deps: SessionDeps,
+        (deps, ownership): (SessionDeps, Arc<dyn Ownership>),
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(SupervisorState {
             deps,
+            ownership,
             slots: HashMap::new(),
             by_actor: HashMap::new(),
             lanes: HashMap::new(),
@@ -124,7 +150,22 @@ impl Actor for SessionSupervisor {
             },
             SupervisorMsg::Restart(id) => {
                 if let Some(Slot::Restarting { held }) = state.slots.remove(&id) {
-                    state.start(&myself, id, held).await;
+                    if state.ownership.owns(&id) {
+                        state.start(&myself, id, held).await;
+                    } else {
+                        refuse_moved(id, held);
+                    }
+                }
+            }
+            SupervisorMsg::Rebalance => state.rebalance(),
+            SupervisorMsg::Ensure(ids) => {
+                for id in ids {
+                    if !state.draining
+                        && !state.slots.contains_key(&id)
+                        && state.ownership.owns(&id)
+                    {
+                        state.start(&myself, id, Vec::new()).await;
+                    }
                 }
             }
             SupervisorMsg::Drain(reply) => {
@@ -137,7 +178,7 @@ impl Actor for SessionSupervisor {
                         Slot::Running(a) | Slot::Stopping { actor: a, .. } => {
                             asks.push(a.call(SessionMsg::Drain, Some(Duration::from_secs(5))));
                         }
-                        Slot::Restarting { .. } => restarting += 1,
+                        Slot::Restarting { .. } | Slot::HandingOff(_) => restarting += 1,
                     }
                 }
                 let owed: usize = futures::future::join_all(asks)
@@ -154,6 +195,11 @@ impl Actor for SessionSupervisor {
             SupervisorMsg::Stats(reply) => {
                 let _ = reply.send(SupervisorStats {
                     active: state.slots.len(),
+                    handoffs_in_flight: state
+                        .slots
+                        .values()
+                        .filter(|s| matches!(s, Slot::HandingOff(_)))
+                        .count(),
                     ..state.stats
                 });
             }
@@ -184,6 +230,13 @@ impl Actor for SessionSupervisor {
                             state.start(&myself, id, held).await;
                         }
                     }
+                    Some(Slot::HandingOff(actor)) if actor.get_id() == cell.get_id() => {
+                        state.lanes.remove(&id);
+                        state.crashes.remove(&id);
+                        state.stats.handoffs_total += 1;
+                        metrics::counter!("fedrelay_session_handoffs_total").increment(1);
+                        debug!(session_id = %id, "session handed off");
+                    }
                     Some(Slot::Running(actor)) if actor.get_id() == cell.get_id() => {
                         // Stopped on its own (fenced by a newer owner).
                         state.lanes.remove(&id);
@@ -203,6 +256,12 @@ impl Actor for SessionSupervisor {
                 metrics::counter!("fedrelay_session_restarts_total").increment(1);
                 let held = match state.slots.remove(&id) {
                     Some(Slot::Stopping { held, .. }) | Some(Slot::Restarting { held }) => held,
+                    Some(Slot::HandingOff(_)) => {
+                        // It was leaving anyway; the new owner resumes from the store.
+                        state.lanes.remove(&id);
+                        metrics::gauge!("fedrelay_sessions_active").set(state.slots.len() as f64);
+                        return Ok(());
+                    }
                     _ => Vec::new(),
                 };
                 let crash = state.crashes.entry(id).or_insert((0, Instant::now()));
@@ -227,6 +286,13 @@ impl Actor for SessionSupervisor {
 fn restart_delay(crashes: u32) -> Duration {
     let ms = 50u64.saturating_mul(1 << crashes.saturating_sub(1).min(8));
     Duration::from_millis(ms.min(10_000))
+}
+
+/// Answers held envelopes of a session another node owns now: the router sends them there.
+fn refuse_moved(id: SessionId, held: Vec<(Box<Envelope>, AcceptReply)>) {
+    for (_, reply) in held {
+        let _ = reply.send(Err(SessionError::NotOwner(id.to_hex())));
+    }
 }
 
 fn forward(actor: &ActorRef<SessionMsg>, env: Box<Envelope>, reply: AcceptReply) {
@@ -257,6 +323,9 @@ impl SupervisorState {
         };
         match self.slots.get_mut(&id) {
             Some(Slot::Running(actor)) => forward(actor, env, reply),
+            Some(Slot::HandingOff(_)) => {
+                let _ = reply.send(Err(SessionError::NotOwner(id.to_hex())));
+            }
             Some(Slot::Stopping { held, .. }) | Some(Slot::Restarting { held }) => {
                 if held.len() >= MAX_HELD {
                     let _ = reply.send(Err(SessionError::Unavailable("session restarting".into())));
@@ -264,7 +333,43 @@ impl SupervisorState {
                     held.push((env, reply));
                 }
             }
+            None if !self.ownership.owns(&id) => {
+                let _ = reply.send(Err(SessionError::NotOwner(id.to_hex())));
+            }
             None => self.start(myself, id, vec![(env, reply)]).await,
+        }
+    }
+
+    /// Tells every session this node no longer owns to finish its in-flight appends, persist
+    /// its progress and stop; envelopes for it are refused as moved from now on.
+    fn rebalance(&mut self) {
+        let moved: Vec<SessionId> = self
+            .slots
+            .keys()
+            .filter(|id| !self.ownership.owns(id))
+            .copied()
+            .collect();
+        for id in moved {
+            match self.slots.remove(&id) {
+                Some(Slot::Running(actor)) => {
+                    let _ = actor.cast(SessionMsg::Handoff);
+                    self.slots.insert(id, Slot::HandingOff(actor));
+                }
+                Some(Slot::Stopping { actor, held }) => {
+                    // Hibernating: it stops anyway; what it was holding goes to the new owner.
+                    refuse_moved(id, held);
+                    let _ = actor.cast(SessionMsg::Handoff);
+                    self.slots.insert(id, Slot::HandingOff(actor));
+                }
+                Some(Slot::Restarting { held }) => {
+                    refuse_moved(id, held);
+                    self.lanes.remove(&id);
+                }
+                Some(other) => {
+                    self.slots.insert(id, other);
+                }
+                None => {}
+            }
         }
     }
 
@@ -314,8 +419,16 @@ impl SupervisorHandle {
     pub async fn start(
         deps: SessionDeps,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), SessionError> {
+        Self::start_owning(deps, Arc::new(OwnsAll)).await
+    }
+
+    /// Starts a supervisor that hosts only the sessions `ownership` says this node owns.
+    pub async fn start_owning(
+        deps: SessionDeps,
+        ownership: Arc<dyn Ownership>,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), SessionError> {
         let call_timeout = Duration::from_secs(10);
-        let (actor, join) = Actor::spawn(None, SessionSupervisor, deps)
+        let (actor, join) = Actor::spawn(None, SessionSupervisor, (deps, ownership))
             .await
             .map_err(|e| SessionError::Unavailable(format!("supervisor did not start: {e}")))?;
         Ok((
@@ -375,6 +488,17 @@ impl SupervisorHandle {
                 "supervisor did not answer".into(),
             )),
         }
+    }
+
+    /// Ownership changed: hands off the sessions this node no longer owns.
+    pub fn rebalance(&self) {
+        let _ = self.actor.cast(SupervisorMsg::Rebalance);
+    }
+
+    /// Starts the given sessions where this node owns them and they are not running, so
+    /// deliveries they owe resume without waiting for a new message.
+    pub fn ensure(&self, ids: Vec<SessionId>) {
+        let _ = self.actor.cast(SupervisorMsg::Ensure(ids));
     }
 
     pub fn stop(&self) {

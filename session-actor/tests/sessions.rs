@@ -9,11 +9,11 @@ use session_actor::store::{
     AckUpdate, AppendOutcome, AppendRequest, Claimed, MemoryStore, RedisStore, RedisStoreConfig,
 };
 use session_actor::{
-    DeliveryError, Outbound, SessionConfig, SessionDeps, SessionError, SessionId, SessionStore,
-    StoreError, SupervisorHandle,
+    DeliveryError, Outbound, Ownership, SessionConfig, SessionDeps, SessionError, SessionId,
+    SessionStore, StoreError, SupervisorHandle,
 };
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use test_support::{RedisServer, wait_for};
@@ -211,6 +211,8 @@ on_both_stores!(
     relay_side_failures_do_not_use_up_the_recipients_attempts,
     a_delivery_finishing_after_a_reload_keeps_its_native_id,
     store_conformance,
+    a_moved_session_is_handed_off_and_resumed_by_its_new_owner,
+    a_stale_owner_cannot_append_after_another_claims,
 );
 
 // === scenarios ===
@@ -512,6 +514,15 @@ impl SessionStore for PanickingStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }
+    async fn mark_active(&self, id: SessionId) -> Result<(), StoreError> {
+        self.inner.mark_active(id).await
+    }
+    async fn mark_idle(&self, id: SessionId) -> Result<(), StoreError> {
+        self.inner.mark_idle(id).await
+    }
+    async fn active_sessions(&self) -> Result<Vec<SessionId>, StoreError> {
+        self.inner.active_sessions().await
+    }
 }
 
 async fn a_crashed_session_restarts_with_no_loss_and_no_duplicate(b: Backend) -> Result<()> {
@@ -784,5 +795,130 @@ async fn a_delivery_finishing_after_a_reload_keeps_its_native_id(b: Backend) -> 
         target.native_id
     );
     ensure!(rec.to("bob").len() == 4, "duplicates delivered");
+    Ok(())
+}
+
+/// Ownership a test flips, as a membership change would.
+struct Flag(Arc<AtomicBool>);
+
+impl Ownership for Flag {
+    fn owns(&self, _id: &SessionId) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+async fn start_owning(
+    store: Arc<dyn SessionStore>,
+    out: Arc<Recorder>,
+    owns: Arc<AtomicBool>,
+) -> Result<SupervisorHandle> {
+    let deps = SessionDeps {
+        store,
+        outbound: out,
+        metadata: Arc::new(NoMetadata),
+        config: Arc::new(fast_config()),
+    };
+    Ok(SupervisorHandle::start_owning(deps, Arc::new(Flag(owns)))
+        .await?
+        .0)
+}
+
+async fn a_moved_session_is_handed_off_and_resumed_by_its_new_owner(b: Backend) -> Result<()> {
+    let s = stores(b)?;
+    // The old owner's recipient edge is down, so it owes every delivery when ownership moves.
+    let old_out = Recorder::new(Box::new(|_, _| {
+        Err(DeliveryError::retryable("down", "edge unreachable"))
+    }));
+    let new_out = Recorder::ok();
+    let (old_owns, new_owns) = (
+        Arc::new(AtomicBool::new(true)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let old = start_owning(s.store.clone(), old_out.clone(), old_owns.clone()).await?;
+    let new = start_owning(s.store.clone(), new_out.clone(), new_owns.clone()).await?;
+    for i in 1..=3 {
+        old.route(envelope(
+            &alice(),
+            &bob(),
+            &format!("m-{i}"),
+            text(&format!("{i}")),
+        ))
+        .await?;
+    }
+    let refused = new
+        .route(envelope(&alice(), &bob(), "m-x", text("x")))
+        .await;
+    ensure!(
+        matches!(refused, Err(SessionError::NotOwner(_))),
+        "a node that does not own a session refuses it: {refused:?}"
+    );
+
+    old_owns.store(false, Ordering::SeqCst);
+    new_owns.store(true, Ordering::SeqCst);
+    old.rebalance();
+    wait_for("the old owner to hand off", WAIT, || async {
+        let st = old.stats().await.ok()?;
+        (st.active == 0 && st.handoffs_total == 1).then_some(())
+    })
+    .await?;
+    let moved = old
+        .route(envelope(&alice(), &bob(), "m-4", text("4")))
+        .await;
+    ensure!(matches!(moved, Err(SessionError::NotOwner(_))), "{moved:?}");
+
+    // The new owner finds the session in the index and delivers what was owed, with no new
+    // message to wake it.
+    let owed = s.store.active_sessions().await?;
+    ensure!(owed.len() == 1, "one session owes deliveries: {owed:?}");
+    new.ensure(owed);
+    let got = new_out.wait_count("bob", 3).await?;
+    let texts: Vec<_> = got.iter().filter_map(plain).collect();
+    ensure!(
+        texts == ["1", "2", "3"],
+        "owed messages in order: {texts:?}"
+    );
+    let next = new
+        .route(envelope(&alice(), &bob(), "m-4", text("4")))
+        .await?;
+    ensure!(next.seq == 4 && !next.duplicate);
+    let dup = new
+        .route(envelope(&alice(), &bob(), "m-2", text("2")))
+        .await?;
+    ensure!(dup.duplicate && dup.seq == 2, "dedup survives the handoff");
+    new_out.wait_count("bob", 4).await?;
+    ensure!(new_out.to("bob").len() == 4, "nothing delivered twice");
+    Ok(())
+}
+
+async fn a_stale_owner_cannot_append_after_another_claims(b: Backend) -> Result<()> {
+    let s = stores(b)?;
+    let stale_out = Recorder::ok();
+    let stale = start(s.store.clone(), stale_out.clone(), fast_config()).await?;
+    stale
+        .route(envelope(&alice(), &bob(), "s-1", text("1")))
+        .await?;
+    // Another node takes the session over (the stale one was paused past its lease).
+    let fresh_out = Recorder::ok();
+    let fresh = start(s.store.clone(), fresh_out.clone(), fast_config()).await?;
+    let a2 = fresh
+        .route(envelope(&alice(), &bob(), "s-2", text("2")))
+        .await?;
+    ensure!(a2.seq == 2);
+    let r = stale
+        .route(envelope(&alice(), &bob(), "s-3", text("3")))
+        .await;
+    ensure!(
+        matches!(r, Err(SessionError::Store(StoreError::Fenced { .. }))),
+        "the stale owner's append is refused: {r:?}"
+    );
+    // It gave the session up: nothing of it runs any more.
+    wait_for("the stale owner to give the session up", WAIT, || async {
+        (stale.stats().await.ok()?.active == 0).then_some(())
+    })
+    .await?;
+    let a3 = fresh
+        .route(envelope(&alice(), &bob(), "s-3", text("3")))
+        .await?;
+    ensure!(a3.seq == 3 && !a3.duplicate, "no double append: {a3:?}");
     Ok(())
 }

@@ -156,5 +156,18 @@ pub async fn run(store: &dyn SessionStore) -> Result<(), ConformanceFailure> {
         "trim drops the delivered prefix only",
     )?;
     check(c3.last_seq == 2, "trim keeps the last seq")?;
+
+    store.mark_active(id).await?;
+    store.mark_active(id).await?;
+    let active = store.active_sessions().await?;
+    check(
+        active.iter().filter(|a| **a == id).count() == 1,
+        "a session marked active is listed once",
+    )?;
+    store.mark_idle(id).await?;
+    check(
+        !store.active_sessions().await?.contains(&id),
+        "a session marked idle is no longer listed",
+    )?;
     Ok(())
 }

@@ -21,6 +21,7 @@ struct Session {
 #[derive(Default)]
 pub struct MemoryStore {
     sessions: Mutex<HashMap<SessionId, Session>>,
+    active: Mutex<std::collections::HashSet<SessionId>>,
 }
 
 impl MemoryStore {
@@ -34,6 +35,14 @@ impl MemoryStore {
             .lock()
             .map_err(|_| StoreError::Unavailable("memory store poisoned".into()))?;
         Ok(f(all.entry(id).or_default()))
+    }
+
+    fn active_set(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, std::collections::HashSet<SessionId>>, StoreError> {
+        self.active
+            .lock()
+            .map_err(|_| StoreError::Unavailable("memory store poisoned".into()))
     }
 
     /// Number of journal entries currently kept for a session (for tests of trimming).
@@ -177,6 +186,20 @@ impl SessionStore for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn mark_active(&self, id: SessionId) -> Result<(), StoreError> {
+        self.active_set()?.insert(id);
+        Ok(())
+    }
+
+    async fn mark_idle(&self, id: SessionId) -> Result<(), StoreError> {
+        self.active_set()?.remove(&id);
+        Ok(())
+    }
+
+    async fn active_sessions(&self) -> Result<Vec<SessionId>, StoreError> {
+        Ok(self.active_set()?.iter().copied().collect())
     }
 }
 

@@ -128,6 +128,16 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Whether the store answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Adds the session to the index of sessions that may owe deliveries, so whichever node
+    /// owns it next resumes them even if no new message arrives. Idempotent.
+    async fn mark_active(&self, id: SessionId) -> Result<(), StoreError>;
+
+    /// Removes the session from that index (everything it journaled is delivered).
+    async fn mark_idle(&self, id: SessionId) -> Result<(), StoreError>;
+
+    /// The sessions in the index.
+    async fn active_sessions(&self) -> Result<Vec<SessionId>, StoreError>;
 }
 
 /// Field names of the per-session id map, shared by both stores so they agree.

@@ -9,6 +9,9 @@
 //! | `…:j` | stream | the journal: entry id `0-<seq>`, field `e` = encoded envelope |
 //! | `…:i` | hash | `n:<id space>:<native id>` → `<seq>:<relay id>` (also the dedup set), `r:<relay id>:<id space>` → native id, `s:<relay id>` → sender |
 //!
+//! Besides, `fr:active` is the set of sessions that may owe deliveries, which a new owner
+//! resumes after a handoff.
+//!
 //! Calls share one multiplexed connection, so concurrent sessions' scripts are pipelined.
 
 use super::{AckUpdate, AppendOutcome, AppendRequest, Claimed, SessionStore};
@@ -78,6 +81,11 @@ impl RedisStore {
     /// The shared connection, for other Redis-backed parts of the node (outbox, metadata log).
     pub fn connection(&self) -> ConnectionManager {
         self.conn.clone()
+    }
+
+    /// The set of sessions that may owe deliveries (see [`SessionStore::mark_active`]).
+    fn active_key(&self) -> String {
+        format!("{}:active", self.prefix)
     }
 
     fn keys(&self, id: SessionId) -> [String; 3] {
@@ -264,5 +272,42 @@ impl SessionStore for RedisStore {
             .query_async(&mut self.conn.clone())
             .await?;
         Ok(())
+    }
+
+    async fn mark_active(&self, id: SessionId) -> Result<(), StoreError> {
+        let _: u64 = redis::cmd("SADD")
+            .arg(self.active_key())
+            .arg(id.to_hex())
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    async fn mark_idle(&self, id: SessionId) -> Result<(), StoreError> {
+        let _: u64 = redis::cmd("SREM")
+            .arg(self.active_key())
+            .arg(id.to_hex())
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    async fn active_sessions(&self) -> Result<Vec<SessionId>, StoreError> {
+        let mut out = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, ids): (u64, Vec<String>) = redis::cmd("SSCAN")
+                .arg(self.active_key())
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut self.conn.clone())
+                .await?;
+            out.extend(ids.iter().filter_map(|h| SessionId::from_hex(h)));
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
     }
 }

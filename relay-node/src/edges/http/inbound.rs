@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use fedrelay_proto::Address;
+use fedrelay_proto::{Address, Envelope};
 use serde::Deserialize;
 use session_actor::store::Outbox;
 use session_actor::{Ingress, MetadataEntry, MetadataSink, SessionError, SessionId};
@@ -166,6 +166,9 @@ async fn handle_event(s: &Inbound, headers: HeaderMap, body: Body) -> Response {
     if let Err(e) = codec::check_envelope_fields(&event) {
         return error(StatusCode::BAD_REQUEST, "bad_request", e.0);
     }
+    if event.kind == codec::EventType::Presence && event.to == "*" {
+        return publish_presence(s, domain, event).await;
+    }
     let (user, to_domain) = match codec::parse_to(&event.to) {
         Ok(t) => t,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.0),
@@ -192,10 +195,16 @@ async fn handle_event(s: &Inbound, headers: HeaderMap, body: Body) -> Response {
         }
     };
     let recipient = Address::new(platform.as_str(), to_domain, user);
-    let mut env = match codec::to_envelope(event, &domain.name, recipient, now_ms) {
+    let env = match codec::to_envelope(event, &domain.name, recipient, now_ms) {
         Ok(env) => env,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.0),
     };
+    submit(s, env).await
+}
+
+/// Hands a built envelope to the ingress and answers the origin: 202 once journaled, the
+/// protocol's error otherwise.
+async fn submit(s: &Inbound, mut env: Envelope) -> Response {
     env.trace_context = telemetry::current_trace_context();
     let kind = env.body.as_ref().map(|b| b.kind()).unwrap_or("unknown");
     Span::current().record("kind", kind);
@@ -235,6 +244,19 @@ async fn handle_event(s: &Inbound, headers: HeaderMap, body: Body) -> Response {
             r
         }
     }
+}
+
+/// `presence` to `"*"`: the sender's presence, published to everyone who follows it (the
+/// contacts who accepted, or were accepted by, the sender).
+async fn publish_presence(s: &Inbound, domain: &DomainEntry, event: InboundEvent) -> Response {
+    let (_, now_ms) = now();
+    let me = Address::new("http", domain.name.clone(), event.from.clone());
+    let mut env = match codec::to_envelope(event, &domain.name, me, now_ms) {
+        Ok(env) => env,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.0),
+    };
+    env.recipients.clear();
+    submit(s, env).await
 }
 
 #[derive(Deserialize)]
