@@ -341,7 +341,10 @@ async fn follow(
                         resp.cancel_reason()
                     )));
                 }
-                if apply(&prefix, &resp, &mut members) {
+                // Any event moves the map to its revision, even a re-registration that
+                // leaves the member set as it was: every node then names the same revision.
+                if !resp.events().is_empty() {
+                    apply(&prefix, &resp, &mut members);
                     revision = resp.header().map(|h| h.revision()).unwrap_or(revision);
                     publish(tx, shared, &cfg.me.node_id, revision, &members);
                 }
@@ -356,32 +359,24 @@ async fn follow(
     }
 }
 
-/// Applies watch events; true when the member set changed.
-fn apply(prefix: &str, resp: &WatchResponse, members: &mut BTreeMap<String, Member>) -> bool {
-    let mut changed = false;
+/// Applies watch events to the member set.
+fn apply(prefix: &str, resp: &WatchResponse, members: &mut BTreeMap<String, Member>) {
     for ev in resp.events() {
         let Some(kv) = ev.kv() else { continue };
         match ev.event_type() {
             EventType::Put => match parse_member(prefix, kv.key(), kv.value()) {
                 Ok(m) => {
-                    if members.get(&m.node_id) != Some(&m) {
-                        members.insert(m.node_id.clone(), m);
-                        changed = true;
-                    }
+                    members.insert(m.node_id.clone(), m);
                 }
                 Err(e) => warn!(error = %e, "ignoring a malformed member key"),
             },
             EventType::Delete => {
-                let id = String::from_utf8_lossy(kv.key())
-                    .strip_prefix(prefix)
-                    .map(str::to_string);
-                if let Some(id) = id {
-                    changed |= members.remove(&id).is_some();
+                if let Some(id) = String::from_utf8_lossy(kv.key()).strip_prefix(prefix) {
+                    members.remove(id);
                 }
             }
         }
     }
-    changed
 }
 
 fn publish(

@@ -29,6 +29,24 @@ struct Cli {
 enum Command {
     /// Validate a config file (and its environment overrides) and exit.
     CheckConfig { file: PathBuf },
+    /// Inspect a running cluster through one node's admin listener.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Members, their readiness, revision, sessions and presence actors, handoffs in flight.
+    Status {
+        /// A node's admin listener.
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        admin: String,
+        /// Print the JSON the node answers instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -43,6 +61,12 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Cluster {
+        command: ClusterCommand::Status { admin, json },
+    }) = cli.command
+    {
+        return cluster_status(&admin, json);
+    }
     if let Some(Command::CheckConfig { file }) = cli.command {
         let cfg = Config::load(&file, std::env::vars())?;
         cfg.secrets()?;
@@ -73,6 +97,61 @@ fn run() -> anyhow::Result<()> {
         let metrics = admin::install_metrics()?;
         node::run(cfg, metrics, shutdown_signal()).await
     })
+}
+
+/// `relay-node cluster status`: asks a node's `GET /cluster` and prints it.
+fn cluster_status(admin: &str, json: bool) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let url = format!("{}/cluster", admin.trim_end_matches('/'));
+    let view: serde_json::Value = runtime.block_on(async {
+        let resp = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()?
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("asking {url}"))?
+            .error_for_status()?;
+        anyhow::Ok(resp.json().await?)
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(());
+    }
+    println!(
+        "cluster as seen by {} at revision {} ({})",
+        view["node_id"].as_str().unwrap_or("?"),
+        view["revision"],
+        if view["ready"].as_bool() == Some(true) {
+            "ready"
+        } else {
+            "not ready"
+        }
+    );
+    println!(
+        "{:<20} {:<6} {:>9} {:>9} {:>9} {:>9}  GRPC",
+        "NODE", "READY", "REVISION", "SESSIONS", "HANDOFFS", "PRESENCE"
+    );
+    for m in view["members"].as_array().into_iter().flatten() {
+        println!(
+            "{:<20} {:<6} {:>9} {:>9} {:>9} {:>9}  {}",
+            m["node_id"].as_str().unwrap_or("?"),
+            if m["ready"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            m["revision"],
+            m["sessions_active"],
+            m["handoffs_in_flight"],
+            m["presence_active"],
+            m["grpc_addr"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(())
 }
 
 /// SIGTERM (Kubernetes) or Ctrl-C.

@@ -1,9 +1,10 @@
-//! Spans are exported over OTLP to a collector, joined to the caller's W3C trace, and carry
-//! ids, never content. The collector is an in-process OTLP/gRPC trace service.
+//! Spans are exported over OTLP to a collector, joined to the caller's W3C trace — across
+//! every node a message crosses — and carry ids, never content. The collector is an
+//! in-process OTLP/gRPC trace service.
 
 mod common;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use common::*;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -11,14 +12,16 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
+use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use serde_json::json;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use test_support::{RedisServer, RelayNode};
 
+/// Spans received, each with the `service.name` of the process that exported it.
 #[derive(Clone, Default)]
-struct Collector(Arc<Mutex<Vec<Span>>>);
+struct Collector(Arc<Mutex<Vec<(String, Span)>>>);
 
 #[tonic::async_trait]
 impl TraceService for Collector {
@@ -31,8 +34,19 @@ impl TraceService for Collector {
             .lock()
             .map_err(|_| tonic::Status::internal("poisoned"))?;
         for rs in req.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| r.attributes.iter())
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref())
+                .and_then(|v| match &v.value {
+                    Some(any_value::Value::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
             for ss in rs.scope_spans {
-                spans.extend(ss.spans);
+                spans.extend(ss.spans.into_iter().map(|sp| (service.clone(), sp)));
             }
         }
         Ok(tonic::Response::new(ExportTraceServiceResponse {
@@ -43,19 +57,41 @@ impl TraceService for Collector {
 
 const CANARY: &str = "CANARY-span-91c4";
 
+impl Collector {
+    /// Serves OTLP/gRPC on a free port; answers the address.
+    async fn start() -> Result<(Self, std::net::SocketAddr)> {
+        let collector = Collector::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let service = TraceServiceServer::new(collector.clone());
+        tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        Ok((collector, addr))
+    }
+
+    /// (service, span name) of every span of `trace_id` so far.
+    fn in_trace(&self, trace_id: &str) -> Vec<(String, String)> {
+        self.0
+            .lock()
+            .map(|spans| {
+                spans
+                    .iter()
+                    .filter(|(_, s)| hex::encode(&s.trace_id) == trace_id)
+                    .map(|(svc, s)| (svc.clone(), s.name.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
 #[tokio::test]
 async fn spans_reach_the_collector_in_the_callers_trace_without_content() -> Result<()> {
-    let collector = Collector::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let service = TraceServiceServer::new(collector.clone());
-    tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let _ = tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(incoming)
-            .await;
-    });
+    let (collector, addr) = Collector::start().await?;
 
     let redis = RedisServer::start()?;
     let sink = Sink::start().await?;
@@ -91,11 +127,10 @@ async fn spans_reach_the_collector_in_the_callers_trace_without_content() -> Res
         "the message's spans at the collector",
         Duration::from_secs(15),
         || async {
-            let spans = collector.0.lock().ok()?.clone();
-            let ours: Vec<String> = spans
-                .iter()
-                .filter(|s| hex::encode(&s.trace_id) == trace_id)
-                .map(|s| s.name.clone())
+            let ours: Vec<String> = collector
+                .in_trace(trace_id)
+                .into_iter()
+                .map(|(_, name)| name)
                 .collect();
             (ours.iter().any(|n| n == "http.inbound") && ours.iter().any(|n| n == "session.append"))
                 .then_some(ours)
@@ -105,6 +140,146 @@ async fn spans_reach_the_collector_in_the_callers_trace_without_content() -> Res
     ensure!(
         names.iter().any(|n| n == "session.deliver"),
         "delivery not in the trace: {names:?}"
+    );
+    let all = format!(
+        "{:?}",
+        collector.0.lock().map(|s| s.clone()).unwrap_or_default()
+    );
+    ensure!(!all.contains(CANARY), "message content in an exported span");
+    Ok(())
+}
+
+/// A CA and one certificate for every node (127.0.0.1 and localhost), as PEM files.
+struct ClusterCerts {
+    dir: tempfile::TempDir,
+}
+
+impl ClusterCerts {
+    fn make() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate()?;
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])?
+            .signed_by(&key, &issuer)?;
+        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem())?;
+        std::fs::write(dir.path().join("node.pem"), cert.pem())?;
+        std::fs::write(dir.path().join("node.key"), key.serialize_pem())?;
+        Ok(Self { dir })
+    }
+
+    fn config(&self) -> String {
+        let p = |f: &str| self.dir.path().join(f).display().to_string();
+        format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\ntls_ca = \"{}\"\n",
+            p("node.pem"),
+            p("node.key"),
+            p("ca.pem")
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_trace_spans_both_nodes_over_mutual_tls() -> Result<()> {
+    let (collector, addr) = Collector::start().await?;
+    let redis = RedisServer::start()?;
+    let etcd = test_support::EtcdServer::start()?;
+    let sink = Sink::start().await?;
+    let certs = ClusterCerts::make()?;
+    let node_config = |id: &str| {
+        config(
+            &redis.url(),
+            &sink.url,
+            &format!(
+                "otlp_endpoint = \"http://{addr}\"\nservice_name = \"relay-{id}\"\n\
+                 [cluster]\nmembership = \"etcd\"\nname = \"trace\"\n\
+                 etcd_endpoints = [\"{}\"]\ngrpc_listen = \"127.0.0.1:{{GRPC_PORT}}\"\n{}",
+                etcd.endpoint(),
+                certs.config()
+            ),
+        )
+        .replace("node_id = \"test-1\"", &format!("node_id = \"{id}\""))
+    };
+    let env = [("OTEL_BSP_SCHEDULE_DELAY", "100")];
+    let n1 = RelayNode::start_with_env(&node_config("t1"), &env)?;
+    let n2 = RelayNode::start_with_env(&node_config("t2"), &env)?;
+    let c = client()?;
+    test_support::wait_for(
+        "both nodes in both views",
+        Duration::from_secs(15),
+        || async {
+            let v: serde_json::Value = c
+                .get(format!("{}/cluster", n1.admin_url()))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let members = v["members"].as_array()?;
+            (members.len() == 2 && members.iter().all(|m| m["ready"] == true)).then_some(())
+        },
+    )
+    .await?;
+
+    // A sender whose session node t2 owns, posted to node t1: the message crosses nodes.
+    let map = cluster::ShardMap::new(
+        0,
+        vec![
+            cluster::Member::new("t1", ""),
+            cluster::Member::new("t2", ""),
+        ],
+    );
+    let bob = fedrelay_proto::Address::new("http", "b.example", "bob");
+    let from = (0..100)
+        .map(|i| format!("alice{i}"))
+        .find(|u| {
+            let a = fedrelay_proto::Address::new("http", "a.example", u.as_str());
+            let id = session_actor::SessionId::one_to_one(&a, &bob);
+            map.owner(&id).is_some_and(|m| m.node_id == "t2")
+        })
+        .context("a session owned by t2")?;
+    let mut stream = Stream::open(&c, &n2.http_url(), "b.example", SECRET_B, None).await?;
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let body = serde_json::to_vec(&json!({"id": "x1", "type": "message", "from": from,
+                                          "to": "bob@b.example", "text": CANARY}))?;
+    let resp = signed_request(
+        &c,
+        &n1.http_url(),
+        "a.example",
+        SECRET_A,
+        now_secs(),
+        &body,
+        "application/json",
+    )
+    .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+    .send()
+    .await?;
+    ensure!(resp.status().as_u16() == 202, "status {}", resp.status());
+    stream.next(Duration::from_secs(10)).await?;
+
+    let spans = test_support::wait_for(
+        "the message's spans from both nodes",
+        Duration::from_secs(15),
+        || async {
+            let ours = collector.in_trace(trace_id);
+            let has = |svc: &str, name: &str| ours.iter().any(|(s, n)| s == svc && n == name);
+            (has("relay-t1", "http.inbound")
+                && has("relay-t1", "cluster.forward")
+                && has("relay-t2", "cluster.receive")
+                && has("relay-t2", "session.append"))
+            .then_some(ours)
+        },
+    )
+    .await?;
+    ensure!(
+        spans
+            .iter()
+            .all(|(svc, _)| svc == "relay-t1" || svc == "relay-t2"),
+        "{spans:?}"
     );
     let all = format!(
         "{:?}",

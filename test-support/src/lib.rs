@@ -5,6 +5,12 @@
 //! skipped test.
 #![forbid(unsafe_code)]
 
+mod etcd;
+mod proxy;
+
+pub use etcd::EtcdServer;
+pub use proxy::{FaultProxy, ProxyMode};
+
 use anyhow::{Context, Result, bail};
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -183,12 +189,18 @@ pub struct RelayNode {
     child: Option<Child>,
     pub http_port: u16,
     pub admin_port: u16,
+    /// Substituted for `{GRPC_PORT}` in the config (the node's gRPC listener).
+    pub grpc_port: u16,
+    /// Substituted for `{PROXY_PORT}` in the config: free for a [`FaultProxy`] in front of
+    /// the node's gRPC port (advertise it as the node's gRPC address).
+    pub proxy_port: u16,
     dir: tempfile::TempDir,
 }
 
 impl RelayNode {
-    /// Starts `relay-node --config` with `config` (TOML). The strings `{HTTP_PORT}` and
-    /// `{ADMIN_PORT}` in it are replaced by free ports. Waits until `/readyz` answers 200.
+    /// Starts `relay-node --config` with `config` (TOML). The strings `{HTTP_PORT}`,
+    /// `{ADMIN_PORT}`, `{GRPC_PORT}` and `{PROXY_PORT}` in it are replaced by free ports
+    /// (kept in the fields of the same names). Waits until `/readyz` answers 200.
     pub fn start(config: &str) -> Result<Self> {
         Self::start_with_env(config, &[])
     }
@@ -199,11 +211,15 @@ impl RelayNode {
             child: None,
             http_port: free_port()?,
             admin_port: free_port()?,
+            grpc_port: free_port()?,
+            proxy_port: free_port()?,
             dir,
         };
         let text = config
             .replace("{HTTP_PORT}", &node.http_port.to_string())
-            .replace("{ADMIN_PORT}", &node.admin_port.to_string());
+            .replace("{ADMIN_PORT}", &node.admin_port.to_string())
+            .replace("{GRPC_PORT}", &node.grpc_port.to_string())
+            .replace("{PROXY_PORT}", &node.proxy_port.to_string());
         std::fs::write(node.config_path(), text)?;
         node.spawn(false, env)?;
         Ok(node)
@@ -215,6 +231,8 @@ impl RelayNode {
             child: None,
             http_port: free_port()?,
             admin_port: free_port()?,
+            grpc_port: free_port()?,
+            proxy_port: free_port()?,
             dir: tempfile::tempdir()?,
         };
         let http = format!("127.0.0.1:{}", node.http_port);
@@ -293,6 +311,44 @@ impl RelayNode {
         format!("http://127.0.0.1:{}", self.admin_port)
     }
 
+    /// Whether the process was started and has not been stopped by this handle.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Kills the process with SIGKILL (no draining, nothing flushed) and waits for it.
+    pub fn kill9(&mut self) -> Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("relay-node is not running");
+        };
+        child.kill()?;
+        Ok(child.wait()?)
+    }
+
+    /// Freezes the process (SIGSTOP): it keeps its sockets but answers nothing.
+    pub fn sigstop(&self) -> Result<()> {
+        self.signal("STOP")
+    }
+
+    /// Resumes a process frozen by [`sigstop`](Self::sigstop) (SIGCONT).
+    pub fn sigcont(&self) -> Result<()> {
+        self.signal("CONT")
+    }
+
+    fn signal(&self, name: &str) -> Result<()> {
+        let Some(child) = self.child.as_ref() else {
+            bail!("relay-node is not running");
+        };
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(child.id().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -{name} failed");
+        }
+        Ok(())
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         let Some(mut child) = self.child.take() else {
@@ -326,6 +382,32 @@ impl Drop for RelayNode {
             let _ = c.wait();
         }
     }
+}
+
+/// The status and body of a plain `GET` on 127.0.0.1 (`Connection: close`, read to the end
+/// within 2 s), or `None` when nothing answers. A chunked body is returned as sent.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
 }
 
 /// The status of a plain `GET` on 127.0.0.1, or `None` when nothing answers.

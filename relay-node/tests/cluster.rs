@@ -1,0 +1,1547 @@
+//! The cluster under faults: three (or four) `relay-node` processes on one real Redis and one
+//! real etcd, a load generator spreading messages for many sessions over them, a reader of
+//! b.example's event stream, and a checker of the delivery contract:
+//!
+//! - every acknowledged message is delivered exactly once, to its recipient, with the
+//!   (session, seq, relay id) its acknowledgement named; nothing acknowledged is lost,
+//! - per session the seqs delivered increase strictly and leave no gap (a message journaled
+//!   twice would show up as a second seq), and per sender the messages keep their order.
+//!
+//! The tests run one at a time (they share the machine's two cores) and print their figures
+//! (failover time, fraction of sessions moved, …) on stderr.
+
+mod common;
+
+use anyhow::{Context, Result, bail, ensure};
+use cluster::{Member, ShardMap};
+use common::{SECRET_A, SECRET_B, Stream, config, message, now_secs, signed_request};
+use serde_json::Value;
+use session_actor::SessionId;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+use test_support::{EtcdServer, FaultProxy, ProxyMode, RedisServer, RelayNode};
+use tokio::task::JoinHandle;
+
+/// The lease TTL the nodes register with.
+const LEASE_TTL: Duration = Duration::from_secs(3);
+/// Sender/recipient pairs, one session each: enough for every node to own several.
+const PAIRS: usize = 60;
+/// Each pair sends its next message this long after the previous one started (≈ 300 msg/s).
+const PACE: Duration = Duration::from_millis(200);
+/// How long one message may take to be accepted, retries included.
+const SEND_DEADLINE: Duration = Duration::from_secs(30);
+/// Timeout of one POST; longer than a forward to a stalled owner should take.
+const POST_TIMEOUT: Duration = Duration::from_secs(3);
+/// The longest retry backoff of the load generator.
+const MAX_BACKOFF: Duration = Duration::from_millis(250);
+/// The reader moves to another node when its stream is silent this long under load.
+const STALL: Duration = Duration::from_millis(1500);
+/// Generous bound of the waits for conditions.
+const T: Duration = Duration::from_secs(20);
+/// Webhook URL of domain c.example, which these tests never send to.
+const UNUSED_WEBHOOK: &str = "http://127.0.0.1:9/hook";
+
+/// The tests share two cores with three relay nodes, Redis and etcd each: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A line on stderr (the figures the tests measure; `println!` is denied by lint).
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+// === the cluster =================================================================
+
+fn node_id(i: usize) -> String {
+    format!("n{}", i + 1)
+}
+
+/// The config of node `i`: the HTTP-edge test config plus an etcd `[cluster]` section. With
+/// `behind_proxy` the node advertises `{PROXY_PORT}`, where the test puts a [`FaultProxy`]
+/// to its gRPC port.
+fn node_config(
+    redis_url: &str,
+    etcd: &str,
+    name: &str,
+    i: usize,
+    behind_proxy: bool,
+) -> Result<String> {
+    let advertise = if behind_proxy {
+        "127.0.0.1:{PROXY_PORT}"
+    } else {
+        "127.0.0.1:{GRPC_PORT}"
+    };
+    let extra = format!(
+        r#"[cluster]
+membership = "etcd"
+name = "{name}"
+etcd_endpoints = ["{etcd}"]
+lease_ttl_secs = {ttl}
+grpc_listen = "127.0.0.1:{{GRPC_PORT}}"
+grpc_advertise = "{advertise}"
+"#,
+        ttl = LEASE_TTL.as_secs()
+    );
+    let base = config(redis_url, UNUSED_WEBHOOK, &extra);
+    let line = r#"node_id = "test-1""#;
+    ensure!(base.contains(line), "the test config no longer sets {line}");
+    Ok(base.replace(line, &format!(r#"node_id = "{}""#, node_id(i))))
+}
+
+/// One member's entry in `GET /cluster`.
+#[derive(Debug, Clone)]
+struct MemberView {
+    node_id: String,
+    sessions_active: u64,
+}
+
+/// A node's `GET /cluster`.
+#[derive(Debug, Clone)]
+struct View {
+    node_id: String,
+    revision: i64,
+    ready: bool,
+    members: Vec<MemberView>,
+    handoffs_in_flight: Option<u64>,
+}
+
+impl View {
+    fn parse(v: &Value) -> Result<Self> {
+        let members = v["members"]
+            .as_array()
+            .context("no members")?
+            .iter()
+            .map(|m| {
+                Ok(MemberView {
+                    node_id: m["node_id"].as_str().context("member node_id")?.to_string(),
+                    sessions_active: m["sessions_active"].as_u64().unwrap_or(0),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            node_id: v["node_id"].as_str().context("node_id")?.to_string(),
+            revision: v["revision"].as_i64().context("revision")?,
+            ready: v["ready"].as_bool().unwrap_or(false),
+            members,
+            handoffs_in_flight: v["handoffs_in_flight"].as_u64(),
+        })
+    }
+
+    fn member_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.members.iter().map(|m| m.node_id.clone()).collect();
+        ids.sort();
+        ids
+    }
+
+    /// What the node says about its own sessions.
+    fn own_sessions(&self) -> Option<u64> {
+        self.members
+            .iter()
+            .find(|m| m.node_id == self.node_id)
+            .map(|m| m.sessions_active)
+    }
+}
+
+/// Redis, etcd and the relay nodes of one test. Node `i` is `n{i+1}`; a killed node keeps its
+/// slot (and its log).
+struct Cluster {
+    name: String,
+    redis: RedisServer,
+    etcd: EtcdServer,
+    nodes: Vec<RelayNode>,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    /// Starts Redis, etcd and `n` nodes (those in `behind_proxy` advertise their proxy port),
+    /// and waits until every node sees all of them.
+    async fn start(name: &str, n: usize, behind_proxy: &[usize]) -> Result<Self> {
+        let redis = RedisServer::start()?;
+        let etcd = EtcdServer::start()?;
+        let mut starts = Vec::new();
+        for i in 0..n {
+            let cfg = node_config(
+                &redis.url(),
+                &etcd.endpoint(),
+                name,
+                i,
+                behind_proxy.contains(&i),
+            )?;
+            starts.push(tokio::task::spawn_blocking(move || RelayNode::start(&cfg)));
+        }
+        let mut nodes = Vec::new();
+        for (i, s) in starts.into_iter().enumerate() {
+            nodes.push(
+                s.await?
+                    .with_context(|| format!("starting {}", node_id(i)))?,
+            );
+        }
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let cluster = Self {
+            name: name.to_string(),
+            redis,
+            etcd,
+            nodes,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()?,
+        };
+        let all: Vec<usize> = (0..n).collect();
+        cluster.wait_converged(&all, T).await?;
+        Ok(cluster)
+    }
+
+    /// Starts one more node and returns its index (it is not waited for beyond `/readyz`).
+    async fn add_node(&mut self) -> Result<usize> {
+        let i = self.nodes.len();
+        let cfg = node_config(
+            &self.redis.url(),
+            &self.etcd.endpoint(),
+            &self.name,
+            i,
+            false,
+        )?;
+        let node = tokio::task::spawn_blocking(move || RelayNode::start(&cfg)).await??;
+        self.nodes.push(node);
+        Ok(i)
+    }
+
+    fn node(&self, i: usize) -> Result<&RelayNode> {
+        self.nodes.get(i).with_context(|| format!("no node {i}"))
+    }
+
+    fn node_mut(&mut self, i: usize) -> Result<&mut RelayNode> {
+        self.nodes
+            .get_mut(i)
+            .with_context(|| format!("no node {i}"))
+    }
+
+    /// Every node as a load-balancer target.
+    fn targets(&self) -> Targets {
+        let t = Targets::default();
+        for (i, n) in self.nodes.iter().enumerate() {
+            t.add(i, n.http_url());
+        }
+        t
+    }
+
+    async fn view(&self, i: usize) -> Result<View> {
+        let url = format!("{}/cluster", self.node(i)?.admin_url());
+        let v: Value = self
+            .http
+            .get(&url)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        View::parse(&v).with_context(|| format!("GET {url}: {v}"))
+    }
+
+    async fn views(&self, nodes: &[usize]) -> Result<Vec<View>> {
+        let mut out = Vec::new();
+        for &i in nodes {
+            out.push(self.view(i).await?);
+        }
+        Ok(out)
+    }
+
+    /// Waits until each of `nodes` is ready and sees exactly `nodes` as members, all at the
+    /// same membership revision; returns their views.
+    async fn wait_converged(&self, nodes: &[usize], timeout: Duration) -> Result<Vec<View>> {
+        let mut want: Vec<String> = nodes.iter().map(|&i| node_id(i)).collect();
+        want.sort();
+        let last = Mutex::new(String::new());
+        let res = test_support::wait_for(
+            &format!("{want:?} to agree on the membership"),
+            timeout,
+            || async {
+                match self.views(nodes).await {
+                    Ok(views) => {
+                        *lock(&last) = views
+                            .iter()
+                            .map(|v| {
+                                format!(
+                                    "{}: revision {}, ready {}, members {:?}",
+                                    v.node_id,
+                                    v.revision,
+                                    v.ready,
+                                    v.member_ids()
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("; ");
+                        let agree = views.iter().all(|v| {
+                            v.ready && v.member_ids() == want && v.revision == views[0].revision
+                        });
+                        agree.then_some(views)
+                    }
+                    Err(e) => {
+                        *lock(&last) = format!("{e:#}");
+                        None
+                    }
+                }
+            },
+        )
+        .await;
+        res.with_context(|| format!("last seen: {}", lock(&last)))
+    }
+
+    /// The owner of each pair's session by the cluster's own rendezvous hash, for a member
+    /// set of `nodes`.
+    fn owners(&self, sessions: &BTreeMap<usize, String>, nodes: &[usize]) -> Result<Owners> {
+        let map = ShardMap::new(
+            0,
+            nodes
+                .iter()
+                .map(|&i| Member::new(node_id(i), String::new()))
+                .collect(),
+        );
+        let mut out = BTreeMap::new();
+        for (&pair, hex) in sessions {
+            let id = SessionId::from_hex(hex).with_context(|| format!("session id {hex}"))?;
+            let owner = map.owner(&id).context("an empty shard map")?;
+            let i = nodes
+                .iter()
+                .copied()
+                .find(|&i| node_id(i) == owner.node_id)
+                .context("owner is no node")?;
+            out.insert(pair, i);
+        }
+        Ok(Owners(out))
+    }
+
+    /// The last lines each node logged above INFO (and anything not JSON, like a panic).
+    fn log_tails(&self) -> String {
+        let mut out = String::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let text = n.output().unwrap_or_default();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains(r#""level":"INFO""#) && !l.contains(r#""level":"DEBUG""#))
+                .collect();
+            out.push_str(&format!("--- {} ---\n", node_id(i)));
+            for l in &lines[lines.len().saturating_sub(15)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// `r`, with the nodes' warnings attached when it is an error.
+    fn explain<T>(&self, r: Result<T>) -> Result<T> {
+        r.map_err(|e| e.context(format!("node logs:\n{}", self.log_tails())))
+    }
+}
+
+/// Pair → index of the node owning its session.
+#[derive(Debug, Clone)]
+struct Owners(BTreeMap<usize, usize>);
+
+impl Owners {
+    fn pairs_of(&self, node: usize) -> HashSet<usize> {
+        self.0
+            .iter()
+            .filter(|&(_, &n)| n == node)
+            .map(|(&p, _)| p)
+            .collect()
+    }
+
+    fn count(&self, node: usize) -> usize {
+        self.0.values().filter(|&&n| n == node).count()
+    }
+}
+
+// === load generator ===============================================================
+
+/// The nodes a load balancer would send to: `(node index, base URL)`.
+#[derive(Clone, Default)]
+struct Targets(Arc<Mutex<Vec<(usize, String)>>>);
+
+impl Targets {
+    fn add(&self, node: usize, url: String) {
+        let mut t = lock(&self.0);
+        t.retain(|(n, _)| *n != node);
+        t.push((node, url));
+        t.sort();
+    }
+
+    fn remove(&self, node: usize) {
+        lock(&self.0).retain(|(n, _)| *n != node);
+    }
+
+    /// The `k`-th target, round robin.
+    fn pick(&self, k: usize) -> Option<(usize, String)> {
+        let t = lock(&self.0);
+        (!t.is_empty()).then(|| t[k % t.len()].clone())
+    }
+}
+
+/// One acknowledged message.
+#[derive(Debug, Clone)]
+struct Ack {
+    pair: usize,
+    idx: u64,
+    relay_msg_id: String,
+    session_id: String,
+    seq: u64,
+    /// The node whose HTTP edge accepted it.
+    node: usize,
+    first_sent: Instant,
+    acked_at: Instant,
+    attempts: u32,
+    /// Accepted as a duplicate of an earlier attempt that was journaled unanswered.
+    duplicate: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Accepted,
+    /// A retryable status (5xx, 429).
+    Status(u16),
+    /// Connection refused or reset, timeout, unreadable answer.
+    Failed,
+}
+
+/// One POST.
+#[derive(Debug, Clone)]
+struct Attempt {
+    at: Instant,
+    node: usize,
+    pair: usize,
+    outcome: Outcome,
+}
+
+struct LoadShared {
+    run: String,
+    client: reqwest::Client,
+    targets: Targets,
+    rr: AtomicUsize,
+    stop: AtomicBool,
+    acks: Mutex<Vec<Ack>>,
+    attempts: Mutex<Vec<Attempt>>,
+}
+
+/// What a load run did.
+struct History {
+    acks: Vec<Ack>,
+    attempts: Vec<Attempt>,
+}
+
+/// Senders `alice-<i>@a.example` → `bob-<i>@b.example`, one task per pair, each sending its
+/// next message once the previous one is acknowledged (so a pair's order is defined) and at
+/// most every [`PACE`]. Every POST goes to the next target round robin; 5xx and connection
+/// errors are retried with the same event id and a bounded backoff. Any other answer fails
+/// the run.
+struct Load {
+    shared: Arc<LoadShared>,
+    tasks: Vec<JoinHandle<Result<()>>>,
+}
+
+impl Load {
+    fn start(run: &str, targets: Targets) -> Result<Self> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .timeout(POST_TIMEOUT)
+            .connect_timeout(Duration::from_secs(1))
+            .build()?;
+        let shared = Arc::new(LoadShared {
+            run: run.to_string(),
+            client,
+            targets,
+            rr: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            acks: Mutex::new(Vec::new()),
+            attempts: Mutex::new(Vec::new()),
+        });
+        let tasks = (0..PAIRS)
+            .map(|p| tokio::spawn(pair_task(shared.clone(), p)))
+            .collect();
+        Ok(Self { shared, tasks })
+    }
+
+    fn acks(&self) -> Vec<Ack> {
+        lock(&self.shared.acks).clone()
+    }
+
+    fn attempts(&self) -> Vec<Attempt> {
+        lock(&self.shared.attempts).clone()
+    }
+
+    /// Waits until `cond` holds for the acknowledgements so far; fails early when a sender
+    /// failed.
+    async fn wait(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&[Ack]) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if cond(&lock(&self.shared.acks)) {
+                return Ok(());
+            }
+            if let Some(pos) = self.tasks.iter().position(JoinHandle::is_finished) {
+                let task = self.tasks.remove(pos);
+                task.await??;
+                bail!("a sender stopped early while waiting for {what}");
+            }
+            if Instant::now() >= deadline {
+                let refused: Vec<String> = lock(&self.shared.attempts)
+                    .iter()
+                    .rev()
+                    .filter(|a| a.outcome != Outcome::Accepted)
+                    .take(5)
+                    .map(|a| format!("p{} at {}: {:?}", a.pair, node_id(a.node), a.outcome))
+                    .collect();
+                bail!(
+                    "timed out after {timeout:?} waiting for {what} ({} acknowledged; last refusals {refused:?})",
+                    lock(&self.shared.acks).len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops sending (each sender finishes the message it has in hand) and returns what
+    /// happened.
+    async fn stop(self) -> Result<History> {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await??;
+        }
+        Ok(History {
+            acks: lock(&self.shared.acks).clone(),
+            attempts: lock(&self.shared.attempts).clone(),
+        })
+    }
+}
+
+async fn pair_task(sh: Arc<LoadShared>, pair: usize) -> Result<()> {
+    let mut idx = 0u64;
+    while !sh.stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let ack = send_until_accepted(&sh, pair, idx).await?;
+        lock(&sh.acks).push(ack);
+        idx += 1;
+        // Pacing, not waiting for anything.
+        tokio::time::sleep_until((started + PACE).into()).await;
+    }
+    Ok(())
+}
+
+async fn send_until_accepted(sh: &LoadShared, pair: usize, idx: u64) -> Result<Ack> {
+    let event_id = format!("{}-p{pair}-m{idx}", sh.run);
+    let event = message(
+        &event_id,
+        &format!("alice-{pair}"),
+        &format!("bob-{pair}@b.example"),
+        &format!("{} p{pair} m{idx}", sh.run),
+    );
+    let body = serde_json::to_vec(&event)?;
+    let first_sent = Instant::now();
+    let deadline = first_sent + SEND_DEADLINE;
+    let mut backoff = Duration::from_millis(20);
+    let mut attempts = 0u32;
+    let mut last = String::from("no target");
+    loop {
+        let k = sh.rr.fetch_add(1, Ordering::Relaxed);
+        if let Some((node, url)) = sh.targets.pick(k) {
+            attempts += 1;
+            let res = signed_request(
+                &sh.client,
+                &url,
+                "a.example",
+                SECRET_A,
+                now_secs(),
+                &body,
+                "application/json",
+            )
+            .send()
+            .await;
+            let (outcome, answer) = match res {
+                Err(e) => (Outcome::Failed, format!("{e}")),
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    match (status, resp.bytes().await) {
+                        (200 | 202, Ok(b)) => {
+                            (Outcome::Accepted, String::from_utf8_lossy(&b).into())
+                        }
+                        (200 | 202, Err(e)) => (Outcome::Failed, format!("{status}, then {e}")),
+                        (s, b) if s >= 500 || s == 429 => (
+                            Outcome::Status(s),
+                            b.map(|b| String::from_utf8_lossy(&b).into_owned())
+                                .unwrap_or_default(),
+                        ),
+                        (s, b) => bail!(
+                            "event {event_id} at {}: unexpected {s}: {}",
+                            node_id(node),
+                            b.map(|b| String::from_utf8_lossy(&b).into_owned())
+                                .unwrap_or_default()
+                        ),
+                    }
+                }
+            };
+            lock(&sh.attempts).push(Attempt {
+                at: Instant::now(),
+                node,
+                pair,
+                outcome,
+            });
+            if outcome == Outcome::Accepted {
+                let v: Value = serde_json::from_str(&answer)
+                    .with_context(|| format!("event {event_id}: accepted with {answer}"))?;
+                let field = |k: &str| {
+                    v[k].as_str()
+                        .map(str::to_string)
+                        .with_context(|| format!("event {event_id}: no {k} in {v}"))
+                };
+                return Ok(Ack {
+                    pair,
+                    idx,
+                    relay_msg_id: field("relay_msg_id")?,
+                    session_id: field("session_id")?,
+                    seq: v["seq"]
+                        .as_u64()
+                        .with_context(|| format!("event {event_id}: no seq in {v}"))?,
+                    node,
+                    first_sent,
+                    acked_at: Instant::now(),
+                    attempts,
+                    duplicate: v["duplicate"].as_bool().unwrap_or(false),
+                });
+            }
+            last = format!("{} answered {outcome:?}: {answer}", node_id(node));
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "event {event_id} not accepted within {SEND_DEADLINE:?} ({attempts} attempts; last: {last})"
+            );
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Pairs with at least `n` acknowledgements after `t`.
+fn pairs_acked_after(acks: &[Ack], t: Instant, n: usize) -> HashSet<usize> {
+    let mut count: HashMap<usize, usize> = HashMap::new();
+    for a in acks.iter().filter(|a| a.acked_at > t) {
+        *count.entry(a.pair).or_default() += 1;
+    }
+    count
+        .into_iter()
+        .filter(|&(_, c)| c >= n)
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// Every pair in `pairs` has `n` acknowledgements after `t`.
+fn all_acked_after(acks: &[Ack], pairs: &HashSet<usize>, t: Instant, n: usize) -> bool {
+    let done = pairs_acked_after(acks, t, n);
+    pairs.iter().all(|p| done.contains(p))
+}
+
+fn all_pairs() -> HashSet<usize> {
+    (0..PAIRS).collect()
+}
+
+/// Each pair's session id, as its acknowledgements named it.
+fn sessions(acks: &[Ack]) -> BTreeMap<usize, String> {
+    acks.iter()
+        .map(|a| (a.pair, a.session_id.clone()))
+        .collect()
+}
+
+/// The longest time between consecutive acknowledgements of one pair, over `pairs`, counting
+/// from `from`.
+fn longest_ack_gap(acks: &[Ack], pairs: &HashSet<usize>, from: Instant) -> Duration {
+    let mut by_pair: HashMap<usize, Vec<Instant>> = HashMap::new();
+    for a in acks.iter().filter(|a| pairs.contains(&a.pair)) {
+        by_pair.entry(a.pair).or_default().push(a.acked_at);
+    }
+    let mut longest = Duration::ZERO;
+    for times in by_pair.values_mut() {
+        times.sort();
+        let mut prev = from;
+        for &t in times.iter().filter(|&&t| t > from) {
+            longest = longest.max(t - prev);
+            prev = t;
+        }
+    }
+    longest
+}
+
+// === stream reader ================================================================
+
+/// One event read from b.example's stream.
+#[derive(Debug, Clone)]
+struct Delivered {
+    sse_id: String,
+    data: Value,
+    node: usize,
+}
+
+struct ReaderShared {
+    targets: Targets,
+    events: Mutex<Vec<Delivered>>,
+    last_id: Mutex<Option<String>>,
+    connects: AtomicU64,
+}
+
+/// Reads b.example's `/v1/stream` from one of the targets; when that node dies, stalls or
+/// ends the stream, resumes on the next target with `Last-Event-ID`.
+struct Reader {
+    shared: Arc<ReaderShared>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Reader {
+    /// Starts reading from the `first`-th target (the first node to fail over from).
+    fn start(targets: Targets, first: usize) -> Result<Self> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .build()?;
+        let shared = Arc::new(ReaderShared {
+            targets,
+            events: Mutex::new(Vec::new()),
+            last_id: Mutex::new(None),
+            connects: AtomicU64::new(0),
+        });
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(read_stream(shared.clone(), client, first, stop_rx));
+        Ok(Self { shared, stop, task })
+    }
+
+    /// Waits until every acknowledged message has arrived and the reader has reached the end
+    /// of the outbox as it is now (so a late second copy, which would be appended before that
+    /// end, has been read too).
+    async fn drain(&self, acks: &[Ack], redis_url: &str) -> Result<()> {
+        let want: HashSet<&str> = acks.iter().map(|a| a.relay_msg_id.as_str()).collect();
+        let missing = Mutex::new(want.len());
+        let res = test_support::wait_for("every acknowledged message delivered", T, || async {
+            let events = lock(&self.shared.events);
+            let seen: HashSet<&str> = events
+                .iter()
+                .filter_map(|e| e.data["relay_msg_id"].as_str())
+                .collect();
+            let m = want.iter().filter(|id| !seen.contains(**id)).count();
+            *lock(&missing) = m;
+            (m == 0).then_some(())
+        })
+        .await;
+        res.with_context(|| format!("{} of {} still missing", lock(&missing), want.len()))?;
+        let end = outbox_end(redis_url, "b.example").await?;
+        let Some(end) = end else {
+            bail!("the b.example outbox is empty after deliveries");
+        };
+        test_support::wait_for("the reader at the outbox's end", T, || async {
+            let last = lock(&self.shared.last_id).clone();
+            last.and_then(|l| stream_id(&l))
+                .filter(|l| *l >= end)
+                .map(|_| ())
+        })
+        .await
+    }
+
+    async fn stop(self) -> Result<(Vec<Delivered>, u64)> {
+        self.stop.send_replace(true);
+        self.task.await?;
+        let events = lock(&self.shared.events).clone();
+        Ok((events, self.shared.connects.load(Ordering::Relaxed)))
+    }
+}
+
+async fn read_stream(
+    sh: Arc<ReaderShared>,
+    client: reqwest::Client,
+    first: usize,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut k = first;
+    while !*stop.borrow_and_update() {
+        let Some((node, url)) = sh.targets.pick(k) else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        k += 1;
+        let after = lock(&sh.last_id).clone();
+        let open = tokio::time::timeout(
+            Duration::from_secs(2),
+            Stream::open(&client, &url, "b.example", SECRET_B, after.as_deref()),
+        )
+        .await;
+        let Ok(Ok(mut stream)) = open else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        sh.connects.fetch_add(1, Ordering::Relaxed);
+        loop {
+            tokio::select! {
+                ev = stream.next(STALL) => match ev {
+                    Ok(ev) => {
+                        if !ev.id.is_empty() {
+                            *lock(&sh.last_id) = Some(ev.id.clone());
+                        }
+                        lock(&sh.events).push(Delivered { sse_id: ev.id, data: ev.data, node });
+                    }
+                    // Ended, failed or silent: resume from the next node.
+                    Err(_) => break,
+                },
+                _ = stop.changed() => return,
+            }
+        }
+    }
+}
+
+/// A stream entry id `<ms>-<n>` as a comparable pair.
+fn stream_id(s: &str) -> Option<(u64, u64)> {
+    let (a, b) = s.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// The id of the newest entry of a domain's outbox (`fr:o:{<domain>}`), read from Redis.
+async fn outbox_end(redis_url: &str, domain: &str) -> Result<Option<(u64, u64)>> {
+    let client = redis::Client::open(redis_url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let last: Vec<(String, Vec<String>)> = redis::cmd("XREVRANGE")
+        .arg(format!("fr:o:{{{domain}}}"))
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .context("xrevrange")?;
+    Ok(last.first().and_then(|(id, _)| stream_id(id)))
+}
+
+// === the contract ================================================================
+
+#[derive(Debug, Default)]
+struct Contract {
+    acked: usize,
+    delivered: usize,
+    lost: usize,
+    duplicates: usize,
+    order_violations: usize,
+    seq_gaps: u64,
+    id_mismatches: usize,
+    misrouted: usize,
+    delivered_unacked: usize,
+    foreign: usize,
+    stream_gaps: usize,
+    examples: Vec<String>,
+}
+
+impl Contract {
+    fn holds(&self) -> bool {
+        self.lost == 0
+            && self.duplicates == 0
+            && self.order_violations == 0
+            && self.seq_gaps == 0
+            && self.id_mismatches == 0
+            && self.misrouted == 0
+            && self.delivered_unacked == 0
+            && self.foreign == 0
+            && self.stream_gaps == 0
+    }
+
+    fn example(&mut self, s: String) {
+        if self.examples.len() < 10 {
+            self.examples.push(s);
+        }
+    }
+}
+
+impl fmt::Display for Contract {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "acked {}, delivered {}, lost {}, duplicates {}, order violations {}, seq gaps {}, \
+             id mismatches {}, misrouted {}, delivered unacked {}, foreign {}, stream gaps {}",
+            self.acked,
+            self.delivered,
+            self.lost,
+            self.duplicates,
+            self.order_violations,
+            self.seq_gaps,
+            self.id_mismatches,
+            self.misrouted,
+            self.delivered_unacked,
+            self.foreign,
+            self.stream_gaps
+        )?;
+        for e in &self.examples {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `"<run> p<pair> m<idx>"` → `(pair, idx)`.
+fn parse_text(run: &str, text: &str) -> Option<(usize, u64)> {
+    let rest = text.strip_prefix(run)?.strip_prefix(" p")?;
+    let (p, m) = rest.split_once(" m")?;
+    Some((p.parse().ok()?, m.parse().ok()?))
+}
+
+fn check(run: &str, acks: &[Ack], delivered: &[Delivered]) -> Contract {
+    let mut c = Contract {
+        acked: acks.len(),
+        delivered: delivered.len(),
+        ..Contract::default()
+    };
+    let acked: HashMap<(usize, u64), &Ack> = acks.iter().map(|a| ((a.pair, a.idx), a)).collect();
+    let mut copies: HashMap<(usize, u64), usize> = HashMap::new();
+    let mut last_seq: HashMap<&str, u64> = HashMap::new();
+    let mut last_idx: HashMap<usize, u64> = HashMap::new();
+    let mut seqs: HashMap<&str, HashSet<u64>> = HashMap::new();
+    for d in delivered {
+        let e = &d.data;
+        if e["type"] == "gap" {
+            c.stream_gaps += 1;
+            c.example(format!("stream gap at {}: {e}", d.sse_id));
+            continue;
+        }
+        let Some((pair, idx)) = e["text"].as_str().and_then(|t| parse_text(run, t)) else {
+            c.foreign += 1;
+            c.example(format!(
+                "foreign event {} (via {}): {e}",
+                d.sse_id,
+                node_id(d.node)
+            ));
+            continue;
+        };
+        let session = e["session_id"].as_str().unwrap_or_default();
+        let seq = e["seq"].as_u64().unwrap_or(0);
+        if e["type"] != "message"
+            || e["to"] != format!("bob-{pair}@b.example").as_str()
+            || e["from"] != format!("alice-{pair}@a.example").as_str()
+        {
+            c.misrouted += 1;
+            c.example(format!("misrouted: {e}"));
+        }
+        let n = copies.entry((pair, idx)).or_default();
+        *n += 1;
+        if *n > 1 {
+            c.duplicates += 1;
+            c.example(format!("p{pair} m{idx} delivered {n} times, now as {e}"));
+        }
+        match acked.get(&(pair, idx)) {
+            None => {
+                c.delivered_unacked += 1;
+                c.example(format!("p{pair} m{idx} delivered but never acknowledged"));
+            }
+            Some(a) => {
+                if a.relay_msg_id != e["relay_msg_id"].as_str().unwrap_or_default()
+                    || a.session_id != session
+                    || a.seq != seq
+                {
+                    c.id_mismatches += 1;
+                    c.example(format!(
+                        "p{pair} m{idx} acked as ({}, {}, {}), delivered as {e}",
+                        a.session_id, a.seq, a.relay_msg_id
+                    ));
+                }
+            }
+        }
+        if let Some(&prev) = last_seq.get(session)
+            && seq <= prev
+        {
+            c.order_violations += 1;
+            c.example(format!("session {session}: seq {seq} after {prev}"));
+        }
+        last_seq.insert(session, seq);
+        if let Some(&prev) = last_idx.get(&pair)
+            && idx <= prev
+        {
+            c.order_violations += 1;
+            c.example(format!("pair {pair}: m{idx} after m{prev}"));
+        }
+        last_idx.insert(pair, idx);
+        seqs.entry(session).or_default().insert(seq);
+    }
+    for a in acks {
+        if !copies.contains_key(&(a.pair, a.idx)) {
+            c.lost += 1;
+            c.example(format!(
+                "p{} m{} acked as seq {} (entered at {}) never delivered",
+                a.pair,
+                a.idx,
+                a.seq,
+                node_id(a.node)
+            ));
+        }
+    }
+    // A fresh Redis: every session's seqs are 1..=max, each journaled message delivered.
+    for (session, s) in &seqs {
+        let max = s.iter().copied().max().unwrap_or(0);
+        let gaps = max.saturating_sub(s.len() as u64);
+        if gaps > 0 {
+            c.seq_gaps += gaps;
+            c.example(format!(
+                "session {session}: {gaps} seqs of 1..={max} never delivered"
+            ));
+        }
+    }
+    c
+}
+
+/// Stops the load, reads everything acknowledged, checks the contract and prints it.
+async fn finish(
+    test: &str,
+    cl: &Cluster,
+    load: Load,
+    reader: Reader,
+) -> Result<(History, Contract)> {
+    let history = load.stop().await?;
+    reader.drain(&history.acks, &cl.redis.url()).await?;
+    let (delivered, connects) = reader.stop().await?;
+    let contract = check(test, &history.acks, &delivered);
+    let retried = history.acks.iter().filter(|a| a.attempts > 1).count();
+    let dup_acks = history.acks.iter().filter(|a| a.duplicate).count();
+    let slowest = history
+        .acks
+        .iter()
+        .map(|a| a.acked_at - a.first_sent)
+        .max()
+        .unwrap_or_default();
+    let mut refused: BTreeMap<String, usize> = BTreeMap::new();
+    for a in &history.attempts {
+        match a.outcome {
+            Outcome::Accepted => {}
+            Outcome::Status(s) => *refused.entry(s.to_string()).or_default() += 1,
+            Outcome::Failed => *refused.entry("conn/timeout".into()).or_default() += 1,
+        }
+    }
+    note!(
+        "cluster/{test}: {} POSTs; {retried} messages retried, {dup_acks} acknowledged as \
+         duplicates, slowest accepted after {:.2} s; refused attempts {refused:?}; stream \
+         (re)connects {connects}",
+        history.attempts.len(),
+        secs(slowest)
+    );
+    note!("cluster/{test}: contract: {contract}");
+    ensure!(contract.holds(), "delivery contract broken: {contract}");
+    Ok((history, contract))
+}
+
+// === the tests ===================================================================
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_enter_at_every_node_for_sessions_owned_by_every_node() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let test = "every-node";
+    let cl = Cluster::start(test, 3, &[]).await?;
+    let r = every_node(test, &cl).await;
+    cl.explain(r)
+}
+
+async fn every_node(test: &str, cl: &Cluster) -> Result<()> {
+    let all = [0, 1, 2];
+    let targets = cl.targets();
+    let reader = Reader::start(targets.clone(), 0)?;
+    let mut load = Load::start(test, targets)?;
+    let t0 = Instant::now();
+    load.wait("three messages per pair", T, |a| {
+        all_acked_after(a, &all_pairs(), t0, 3)
+    })
+    .await?;
+
+    // Messages entered at every node for sessions owned by every node.
+    let owners = cl.owners(&sessions(&load.acks()), &all)?;
+    let mut matrix = [[0usize; 3]; 3];
+    for a in load.acks() {
+        if let Some(&o) = owners.0.get(&a.pair) {
+            matrix[a.node][o] += 1;
+        }
+    }
+    note!(
+        "cluster/{test}: sessions owned per node {:?}; accepted at node (row) for owner (col): {matrix:?}",
+        all.map(|i| owners.count(i))
+    );
+    for (entry, row) in matrix.iter().enumerate() {
+        for (owner, &n) in row.iter().enumerate() {
+            ensure!(
+                n > 0,
+                "no message entered at {} for a session of {}: {matrix:?}",
+                node_id(entry),
+                node_id(owner)
+            );
+        }
+    }
+    // And every node hosts exactly the sessions the rendezvous hash gives it.
+    let want: Vec<Option<u64>> = all.iter().map(|&i| Some(owners.count(i) as u64)).collect();
+    let last = Mutex::new(Vec::new());
+    let res = test_support::wait_for("every node to host its sessions", T, || async {
+        let views = cl.views(&all).await.ok()?;
+        let counts: Vec<Option<u64>> = views.iter().map(View::own_sessions).collect();
+        *lock(&last) = counts.clone();
+        (counts == want).then_some(counts)
+    })
+    .await;
+    let counts = res.with_context(|| {
+        format!(
+            "sessions_active per node: want {want:?}, last seen {:?}",
+            lock(&last)
+        )
+    })?;
+    note!("cluster/{test}: sessions_active per node {counts:?}");
+    finish(test, cl, load, reader).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_node_under_load_fails_its_sessions_over_within_the_lease() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let test = "kill-9";
+    let mut cl = Cluster::start(test, 3, &[]).await?;
+    let r = kill_9(test, &mut cl).await;
+    cl.explain(r)
+}
+
+async fn kill_9(test: &str, cl: &mut Cluster) -> Result<()> {
+    let victim = 1;
+    let targets = cl.targets();
+    let reader = Reader::start(targets.clone(), victim)?;
+    let mut load = Load::start(test, targets.clone())?;
+    let t0 = Instant::now();
+    load.wait("two messages per pair", T, |a| {
+        all_acked_after(a, &all_pairs(), t0, 2)
+    })
+    .await?;
+    let owners = cl.owners(&sessions(&load.acks()), &[0, 1, 2])?;
+    let orphans = owners.pairs_of(victim);
+    ensure!(!orphans.is_empty(), "{} owns no session", node_id(victim));
+
+    let killed_at = Instant::now();
+    let node = cl.node_mut(victim)?;
+    tokio::task::block_in_place(|| node.kill9())?;
+    targets.remove(victim);
+
+    // The orphaned sessions serve again once the lease has expired and the map moved on.
+    load.wait("the dead node's sessions to serve again", T, |a| {
+        all_acked_after(a, &orphans, killed_at, 1)
+    })
+    .await?;
+    let acks = load.acks();
+    let failover = orphans
+        .iter()
+        .filter_map(|p| {
+            acks.iter()
+                .filter(|a| a.pair == *p && a.acked_at > killed_at)
+                .map(|a| a.acked_at - killed_at)
+                .min()
+        })
+        .max()
+        .unwrap_or_default();
+    let survivors: HashSet<usize> = all_pairs().difference(&orphans).copied().collect();
+    note!(
+        "cluster/{test}: {} of {PAIRS} sessions were on {}; failover (kill → every one of them \
+         accepting again) {:.2} s; longest ack gap: orphaned sessions {:.2} s, others {:.2} s",
+        orphans.len(),
+        node_id(victim),
+        secs(failover),
+        secs(longest_ack_gap(&acks, &orphans, killed_at)),
+        secs(longest_ack_gap(&acks, &survivors, killed_at)),
+    );
+    ensure!(
+        failover <= LEASE_TTL + Duration::from_secs(2),
+        "failover took {failover:?}, over the lease TTL + 2 s"
+    );
+    // The survivors' own sessions never waited for the lease.
+    let others_gap = longest_ack_gap(&acks, &survivors, killed_at);
+    ensure!(
+        others_gap < LEASE_TTL,
+        "sessions of the survivors stalled {others_gap:?} after the kill"
+    );
+
+    let views = cl.wait_converged(&[0, 2], T).await?;
+    note!(
+        "cluster/{test}: survivors agree at revision {}",
+        views[0].revision
+    );
+    let after = Instant::now();
+    load.wait("two more messages per pair", T, |a| {
+        all_acked_after(a, &all_pairs(), after, 2)
+    })
+    .await?;
+    finish(test, cl, load, reader).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_node_joins_under_load_and_takes_about_a_quarter_of_the_sessions() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let test = "join";
+    let mut cl = Cluster::start(test, 3, &[]).await?;
+    let r = join(test, &mut cl).await;
+    cl.explain(r)
+}
+
+async fn join(test: &str, cl: &mut Cluster) -> Result<()> {
+    let targets = cl.targets();
+    let reader = Reader::start(targets.clone(), 0)?;
+    let mut load = Load::start(test, targets.clone())?;
+    let t0 = Instant::now();
+    load.wait("two messages per pair", T, |a| {
+        all_acked_after(a, &all_pairs(), t0, 2)
+    })
+    .await?;
+
+    let joining = Instant::now();
+    let new = cl.add_node().await?;
+    targets.add(new, cl.node(new)?.http_url());
+    let views = cl.wait_converged(&[0, 1, 2, new], T).await?;
+    let converged = joining.elapsed();
+
+    let ids = sessions(&load.acks());
+    let before = cl.owners(&ids, &[0, 1, 2])?;
+    let after = cl.owners(&ids, &[0, 1, 2, new])?;
+    let moved: HashSet<usize> = ids
+        .keys()
+        .copied()
+        .filter(|p| before.0.get(p) != after.0.get(p))
+        .collect();
+    let fraction = moved.len() as f64 / ids.len() as f64;
+    note!(
+        "cluster/{test}: {} joined, all four agree at revision {} after {:.2} s; {} of {} \
+         sessions moved ({:.3}, ideal 0.25)",
+        node_id(new),
+        views[0].revision,
+        secs(converged),
+        moved.len(),
+        ids.len(),
+        fraction
+    );
+    ensure!(
+        moved.iter().all(|p| after.0.get(p) == Some(&new)),
+        "a session moved between old nodes"
+    );
+    ensure!(
+        (0.1..=0.4).contains(&fraction),
+        "moved fraction {fraction:.3} is not about 1/4"
+    );
+
+    // The moved sessions serve from their new owner, which says it hosts them.
+    let joined = Instant::now();
+    load.wait("two messages per pair after the join", T, |a| {
+        all_acked_after(a, &all_pairs(), joined, 2)
+    })
+    .await?;
+    let last = Mutex::new(None);
+    let res = test_support::wait_for(
+        "the new node to host the moved sessions and handoffs to end",
+        T,
+        || async {
+            let views = cl.views(&[0, 1, 2, new]).await.ok()?;
+            let hosted = views.last().and_then(View::own_sessions);
+            let handoffs: Vec<Option<u64>> = views.iter().map(|v| v.handoffs_in_flight).collect();
+            *lock(&last) = Some((hosted, handoffs.clone()));
+            (hosted == Some(moved.len() as u64) && handoffs.iter().all(|h| *h == Some(0)))
+                .then_some(hosted)
+        },
+    )
+    .await;
+    let hosted = res.with_context(|| {
+        format!(
+            "(sessions on the new node, handoffs per node) last seen: {:?}; {} moved",
+            lock(&last),
+            moved.len()
+        )
+    })?;
+    note!("cluster/{test}: {} hosts {hosted:?} sessions", node_id(new));
+    finish(test, cl, load, reader).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_of_an_owner_past_its_lease_appends_and_delivers_nothing_twice() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let test = "sigstop";
+    let cl = Cluster::start(test, 3, &[]).await?;
+    let r = sigstop(test, &cl).await;
+    // Whatever happened, resume the node (its log then shows what it did after the pause).
+    if let Ok(n) = cl.node(1) {
+        let _ = n.sigcont();
+    }
+    cl.explain(r)
+}
+
+async fn sigstop(test: &str, cl: &Cluster) -> Result<()> {
+    let victim = 1;
+    let stop_for = LEASE_TTL * 2;
+    let targets = cl.targets();
+    let reader = Reader::start(targets.clone(), victim)?;
+    let mut load = Load::start(test, targets.clone())?;
+    let t0 = Instant::now();
+    load.wait("two messages per pair", T, |a| {
+        all_acked_after(a, &all_pairs(), t0, 2)
+    })
+    .await?;
+    let owners = cl.owners(&sessions(&load.acks()), &[0, 1, 2])?;
+    let frozen_pairs = owners.pairs_of(victim);
+    ensure!(
+        !frozen_pairs.is_empty(),
+        "{} owns no session",
+        node_id(victim)
+    );
+
+    let node = cl.node(victim)?;
+    let stopped_at = Instant::now();
+    tokio::task::block_in_place(|| node.sigstop())?;
+    targets.remove(victim);
+    // Once its lease is gone, the frozen node's sessions serve from the others.
+    load.wait("the frozen node's sessions to serve elsewhere", T, |a| {
+        all_acked_after(a, &frozen_pairs, stopped_at, 1)
+    })
+    .await?;
+    let acks = load.acks();
+    let takeover = frozen_pairs
+        .iter()
+        .filter_map(|p| {
+            acks.iter()
+                .filter(|a| a.pair == *p && a.acked_at > stopped_at)
+                .map(|a| a.acked_at - stopped_at)
+                .min()
+        })
+        .max()
+        .unwrap_or_default();
+    // The fault's length is the test's parameter: keep the node frozen until then.
+    tokio::time::sleep_until((stopped_at + stop_for).into()).await;
+    tokio::task::block_in_place(|| node.sigcont())?;
+    let resumed_at = Instant::now();
+    // Straight back into the rotation: whatever it still believes it owns, it must not
+    // acknowledge anything it did not journal under a current claim.
+    targets.add(victim, node.http_url());
+    note!(
+        "cluster/{test}: {} frozen {:.2} s; its {} sessions served elsewhere after {:.2} s",
+        node_id(victim),
+        secs(resumed_at - stopped_at),
+        frozen_pairs.len(),
+        secs(takeover)
+    );
+
+    let views = cl.wait_converged(&[0, 1, 2], T).await?;
+    note!(
+        "cluster/{test}: all three agree again at revision {} {:.2} s after SIGCONT",
+        views[0].revision,
+        secs(resumed_at.elapsed())
+    );
+    let after = Instant::now();
+    load.wait("two more messages per pair", T, |a| {
+        all_acked_after(a, &all_pairs(), after, 2)
+    })
+    .await?;
+    finish(test, cl, load, reader).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_for_ten_seconds_keeps_messages_flowing_and_views_converge() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let test = "etcd-outage";
+    let mut cl = Cluster::start(test, 3, &[]).await?;
+    let r = etcd_outage(test, &mut cl).await;
+    cl.explain(r)
+}
+
+async fn etcd_outage(test: &str, cl: &mut Cluster) -> Result<()> {
+    let outage = Duration::from_secs(10);
+    let all = [0, 1, 2];
+    let targets = cl.targets();
+    let reader = Reader::start(targets.clone(), 0)?;
+    let mut load = Load::start(test, targets)?;
+    let t0 = Instant::now();
+    load.wait("three messages per pair", T, |a| {
+        all_acked_after(a, &all_pairs(), t0, 3)
+    })
+    .await?;
+    let before_views = cl.views(&all).await?;
+
+    let down_at = Instant::now();
+    tokio::task::block_in_place(|| cl.etcd.stop())?;
+    // The outage's length is the test's parameter.
+    tokio::time::sleep_until((down_at + outage).into()).await;
+    let up_at = Instant::now();
+    let acks = load.acks();
+    let attempts = load.attempts();
+    tokio::task::block_in_place(|| cl.etcd.start_again())?;
+
+    let window = |from: Instant, to: Instant| {
+        acks.iter()
+            .filter(|a| a.acked_at >= from && a.acked_at < to)
+            .count()
+    };
+    let ref_len = (down_at - t0).min(Duration::from_secs(5));
+    let rate_before = window(down_at - ref_len, down_at) as f64 / secs(ref_len);
+    let rate_during = window(down_at, up_at) as f64 / secs(up_at - down_at);
+    let refused_during = attempts
+        .iter()
+        .filter(|a| a.at >= down_at && a.at < up_at && a.outcome != Outcome::Accepted)
+        .count();
+    let tried_during = attempts
+        .iter()
+        .filter(|a| a.at >= down_at && a.at < up_at)
+        .count();
+    let gap = longest_ack_gap(&acks, &all_pairs(), down_at);
+    note!(
+        "cluster/{test}: etcd down {:.2} s: {:.0} acks/s before, {:.0} during; {refused_during} \
+         of {tried_during} POSTs refused during; longest per-session ack gap {:.2} s",
+        secs(up_at - down_at),
+        rate_before,
+        rate_during,
+        secs(gap)
+    );
+    ensure!(
+        rate_during >= 0.5 * rate_before,
+        "acceptance fell from {rate_before:.0}/s to {rate_during:.0}/s while etcd was down"
+    );
+    ensure!(
+        all_acked_after(&acks, &all_pairs(), down_at + outage / 2, 1),
+        "some sessions accepted nothing in the second half of the outage"
+    );
+
+    let views = cl.wait_converged(&all, T).await?;
+    note!(
+        "cluster/{test}: all three members again {:.2} s after etcd was restarted (revision {} → {})",
+        secs(up_at.elapsed()),
+        before_views[0].revision,
+        views[0].revision
+    );
+    let after = Instant::now();
+    load.wait("two more messages per pair", T, |a| {
+        all_acked_after(a, &all_pairs(), after, 2)
+    })
+    .await?;
+    finish(test, cl, load, reader).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_on_grpc_gets_retryable_refusals_and_loses_nothing() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let test = "grpc-partition";
+    let isolated = 2;
+    // Until the proxy is up, nothing reaches the isolated node's gRPC port; membership (all
+    // that starting waits for) goes through etcd only.
+    let cl = Cluster::start(test, 3, &[isolated]).await?;
+    let node = cl.node(isolated)?;
+    let proxy = FaultProxy::start(
+        node.proxy_port,
+        std::net::SocketAddr::from(([127, 0, 0, 1], node.grpc_port)),
+    )?;
+    let r = grpc_partition(test, &cl, &proxy, isolated).await;
+    cl.explain(r)
+}
+
+async fn grpc_partition(
+    test: &str,
+    cl: &Cluster,
+    proxy: &FaultProxy,
+    isolated: usize,
+) -> Result<()> {
+    let targets = cl.targets();
+    let reader = Reader::start(targets.clone(), 0)?;
+    let mut load = Load::start(test, targets)?;
+    let t0 = Instant::now();
+    load.wait("two messages per pair", T, |a| {
+        all_acked_after(a, &all_pairs(), t0, 2)
+    })
+    .await?;
+    let owners = cl.owners(&sessions(&load.acks()), &[0, 1, 2])?;
+    let cut_off = owners.pairs_of(isolated);
+    ensure!(!cut_off.is_empty(), "{} owns no session", node_id(isolated));
+
+    let mut phases = Vec::new();
+    for (mode, hold) in [
+        (ProxyMode::Blackhole, Duration::from_secs(4)),
+        (ProxyMode::Refuse, Duration::from_secs(3)),
+    ] {
+        let from = Instant::now();
+        proxy.set_mode(mode);
+        // The fault's length is the test's parameter.
+        tokio::time::sleep_until((from + hold).into()).await;
+        phases.push((mode, from, Instant::now()));
+    }
+    let healed = Instant::now();
+    proxy.set_mode(ProxyMode::Pass);
+
+    let attempts = load.attempts();
+    let acks = load.acks();
+    for (mode, from, to) in &phases {
+        // POSTs for the cut-off node's sessions that entered elsewhere.
+        let mut by: BTreeMap<String, usize> = BTreeMap::new();
+        for a in attempts.iter().filter(|a| {
+            a.at >= *from && a.at < *to && a.node != isolated && cut_off.contains(&a.pair)
+        }) {
+            let k = match a.outcome {
+                Outcome::Accepted => "accepted".to_string(),
+                Outcome::Status(s) => s.to_string(),
+                Outcome::Failed => "conn/timeout".to_string(),
+            };
+            *by.entry(k).or_default() += 1;
+        }
+        let local = acks
+            .iter()
+            .filter(|a| {
+                a.acked_at >= *from
+                    && a.acked_at < *to
+                    && a.node == isolated
+                    && cut_off.contains(&a.pair)
+            })
+            .count();
+        note!(
+            "cluster/{test}: {mode:?} {:.2} s: its sessions' POSTs at other nodes {by:?}; {local} \
+             accepted at {} itself",
+            secs(*to - *from),
+            node_id(isolated)
+        );
+    }
+
+    // After healing, the retries go through and every session moves on.
+    load.wait("two messages per pair after healing", T, |a| {
+        all_acked_after(a, &all_pairs(), healed, 2)
+    })
+    .await?;
+    let acks = load.acks();
+    let recovered = cut_off
+        .iter()
+        .filter_map(|p| {
+            acks.iter()
+                .filter(|a| a.pair == *p && a.acked_at > healed)
+                .map(|a| a.acked_at - healed)
+                .min()
+        })
+        .max()
+        .unwrap_or_default();
+    note!(
+        "cluster/{test}: {} sessions on {}; all accepting again {:.2} s after healing; proxy \
+         accepted {} connections, refused {}",
+        cut_off.len(),
+        node_id(isolated),
+        secs(recovered),
+        proxy.accepted(),
+        proxy.refused()
+    );
+    cl.wait_converged(&[0, 1, 2], T).await?;
+    finish(test, cl, load, reader).await?;
+    Ok(())
+}
