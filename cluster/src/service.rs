@@ -4,12 +4,13 @@ use crate::Membership;
 use crate::peer::ack_of;
 use crate::presence::Presence;
 use crate::router::Router;
+use fedrelay_proto::Envelope;
 use fedrelay_proto::v1::admin_service_server::AdminService;
 use fedrelay_proto::v1::session_service_server::SessionService;
 use fedrelay_proto::v1::{AckBatch, EnvelopeBatch, NodeStatus, StatusRequest};
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
-use session_actor::{SessionId, SupervisorHandle};
+use session_actor::{Accepted, SessionError, SessionId, SupervisorHandle};
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -20,9 +21,23 @@ use tracing::Instrument;
 /// Batches of one stream being worked on at once; the peer waits (HTTP/2 flow control) beyond.
 const MAX_BATCHES_IN_FLIGHT: usize = 64;
 
+/// Where a node hands the envelopes its peers send it: the [`Router`] (which gives each to
+/// the local session, or forwards it once more when this node's view differs).
+#[async_trait::async_trait]
+pub trait HopIngress: Send + Sync + 'static {
+    async fn submit_hop(&self, env: Envelope, hops: u32) -> Result<Accepted, SessionError>;
+}
+
+#[async_trait::async_trait]
+impl HopIngress for Router {
+    async fn submit_hop(&self, env: Envelope, hops: u32) -> Result<Accepted, SessionError> {
+        Router::submit_hop(self, env, hops).await
+    }
+}
+
 /// `SessionService`: envelopes from peers for sessions this node owns.
 pub struct SessionSvc {
-    pub router: Arc<Router>,
+    pub router: Arc<dyn HopIngress>,
 }
 
 type AckStream = Pin<Box<dyn futures::Stream<Item = Result<AckBatch, Status>> + Send>>;
@@ -62,7 +77,7 @@ impl SessionService for SessionSvc {
     }
 }
 
-async fn handle_batch(router: Arc<Router>, batch: EnvelopeBatch) -> AckBatch {
+async fn handle_batch(router: Arc<dyn HopIngress>, batch: EnvelopeBatch) -> AckBatch {
     let hops = batch.hops.saturating_add(1);
     let acks = futures::future::join_all(batch.envelopes.into_iter().map(|env| {
         let router = router.clone();
