@@ -137,15 +137,8 @@ impl Membership for EtcdMembership {
             return Ok(());
         }
         // This node's own view drops it at once, so its sessions move now.
-        let map = self.shard_map();
-        let rest: Vec<Member> = map
-            .members()
-            .iter()
-            .filter(|m| m.node_id != self.node_id)
-            .cloned()
-            .collect();
-        self.tx
-            .send_replace(Arc::new(ShardMap::new(map.revision(), rest)));
+        let map = self.shard_map().without(&self.node_id);
+        self.tx.send_replace(Arc::new(map));
         let gone = self.shared.gone.notified();
         tokio::pin!(gone);
         gone.as_mut().enable();

@@ -105,15 +105,8 @@ impl Membership for StaticMembership {
 
     async fn leave(&self) -> Result<(), MembershipError> {
         if !self.left.swap(true, Ordering::SeqCst) {
-            let map = self.shard_map();
-            let rest = map
-                .members()
-                .iter()
-                .filter(|m| m.node_id != self.node_id)
-                .cloned()
-                .collect();
-            self.tx
-                .send_replace(Arc::new(ShardMap::new(map.revision() + 1, rest)));
+            let map = self.shard_map().without(&self.node_id);
+            self.tx.send_replace(Arc::new(map));
         }
         Ok(())
     }

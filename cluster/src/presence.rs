@@ -599,6 +599,18 @@ fn to_status(e: SessionError) -> Status {
 /// `PresenceService`: what other nodes ask of this node's presence actors.
 pub struct PresenceSvc(pub Arc<Presence>);
 
+impl PresenceSvc {
+    /// Refuses (retryably) a call for a user whose presence another node owns now.
+    fn check_owner(&self, user: &Address) -> Result<(), Status> {
+        let map = self.0.membership.shard_map();
+        if owns(&map, self.0.me(), &presence_session(user)) {
+            Ok(())
+        } else {
+            Err(Status::unavailable("not the owner of this presence"))
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl PresenceService for PresenceSvc {
     async fn publish(
@@ -609,13 +621,7 @@ impl PresenceService for PresenceSvc {
         let user = u
             .user
             .ok_or_else(|| Status::invalid_argument("user missing"))?;
-        if !owns(
-            &self.0.membership.shard_map(),
-            self.0.me(),
-            &presence_session(&user),
-        ) {
-            return Err(Status::unavailable("not the owner of this presence"));
-        }
+        self.check_owner(&user)?;
         let span = tracing::info_span!("presence.publish");
         crate::trace::set_parent(&span, u.trace_context.as_ref());
         let a = self.0.actor(&user).await.map_err(to_status)?;
@@ -645,13 +651,7 @@ impl PresenceService for PresenceSvc {
                 "publisher and subscriber required",
             ));
         };
-        if !owns(
-            &self.0.membership.shard_map(),
-            self.0.me(),
-            &presence_session(&publisher),
-        ) {
-            return Err(Status::unavailable("not the owner of this presence"));
-        }
+        self.check_owner(&publisher)?;
         let a = self.0.actor(&publisher).await.map_err(to_status)?;
         let version = call(
             &a,

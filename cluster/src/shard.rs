@@ -27,6 +27,19 @@ impl ShardMap {
         &self.members
     }
 
+    /// This map without one member, at the same revision (a node's own view once it leaves).
+    pub fn without(&self, node_id: &str) -> Self {
+        Self {
+            revision: self.revision,
+            members: self
+                .members
+                .iter()
+                .filter(|m| m.node_id != node_id)
+                .cloned()
+                .collect(),
+        }
+    }
+
     /// The member with this id, if it is one.
     pub fn member(&self, node_id: &str) -> Option<&Member> {
         self.members.iter().find(|m| m.node_id == node_id)

@@ -144,10 +144,10 @@ fn cluster_status(admin: &str, json: bool) -> anyhow::Result<()> {
             } else {
                 "no"
             },
-            m["revision"],
-            m["sessions_active"],
-            m["handoffs_in_flight"],
-            m["presence_active"],
+            m["revision"].to_string(),
+            m["sessions_active"].to_string(),
+            m["handoffs_in_flight"].to_string(),
+            m["presence_active"].to_string(),
             m["grpc_addr"].as_str().unwrap_or(""),
         );
     }

@@ -8,11 +8,10 @@
 use crate::config::{LogFormat, TelemetryConfig};
 use fedrelay_proto::v1::TraceContext;
 use http::HeaderMap;
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use std::collections::HashMap;
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
@@ -114,22 +113,7 @@ pub fn set_parent_from_headers(span: &Span, headers: &HeaderMap) {
     }
 }
 
-struct MapInjector(HashMap<String, String>);
-
-impl Injector for MapInjector {
-    fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key.to_string(), value);
-    }
-}
-
 /// The current span's trace context, to carry in an envelope (`None` when not tracing).
 pub fn current_trace_context() -> Option<TraceContext> {
-    let cx = Span::current().context();
-    let mut inj = MapInjector(HashMap::new());
-    TraceContextPropagator::new().inject_context(&cx, &mut inj);
-    let traceparent = inj.0.remove("traceparent")?;
-    Some(TraceContext {
-        traceparent,
-        tracestate: inj.0.remove("tracestate").unwrap_or_default(),
-    })
+    cluster::trace::current()
 }
