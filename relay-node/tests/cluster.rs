@@ -7,6 +7,10 @@
 //! - per session the seqs delivered increase strictly and leave no gap (a message journaled
 //!   twice would show up as a second seq), and per sender the messages keep their order.
 //!
+//! A node that gets SIGTERM drains (it leaves etcd first, finishes what is in flight, hands
+//! its sessions over) under the same load and checker, and `relay-node cluster status` prints
+//! the members as every node sees them.
+//!
 //! The tests run one at a time (they share the machine's two cores) and print their figures
 //! (failover time, fraction of sessions moved, …) on stderr.
 
@@ -15,6 +19,7 @@ mod common;
 use anyhow::{Context, Result, bail, ensure};
 use cluster::{Member, ShardMap};
 use common::{SECRET_A, SECRET_B, Stream, config, message, now_secs, signed_request};
+use relay_node::edges::http::sign;
 use serde_json::Value;
 use session_actor::SessionId;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -42,6 +47,8 @@ const MAX_BACKOFF: Duration = Duration::from_millis(250);
 const STALL: Duration = Duration::from_millis(1500);
 /// Generous bound of the waits for conditions.
 const T: Duration = Duration::from_secs(20);
+/// The drain deadline the nodes are configured with (`[shutdown] drain_timeout_secs`).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Webhook URL of domain c.example, which these tests never send to.
 const UNUSED_WEBHOOK: &str = "http://127.0.0.1:9/hook";
 
@@ -92,8 +99,11 @@ etcd_endpoints = ["{etcd}"]
 lease_ttl_secs = {ttl}
 grpc_listen = "127.0.0.1:{{GRPC_PORT}}"
 grpc_advertise = "{advertise}"
+[shutdown]
+drain_timeout_secs = {drain}
 "#,
-        ttl = LEASE_TTL.as_secs()
+        ttl = LEASE_TTL.as_secs(),
+        drain = DRAIN_TIMEOUT.as_secs()
     );
     let base = config(redis_url, UNUSED_WEBHOOK, &extra);
     let line = r#"node_id = "test-1""#;
@@ -239,16 +249,7 @@ impl Cluster {
     }
 
     async fn view(&self, i: usize) -> Result<View> {
-        let url = format!("{}/cluster", self.node(i)?.admin_url());
-        let v: Value = self
-            .http
-            .get(&url)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        View::parse(&v).with_context(|| format!("GET {url}: {v}"))
+        view_at(&self.http, &self.node(i)?.admin_url()).await
     }
 
     async fn views(&self, nodes: &[usize]) -> Result<Vec<View>> {
@@ -346,6 +347,19 @@ impl Cluster {
     fn explain<T>(&self, r: Result<T>) -> Result<T> {
         r.map_err(|e| e.context(format!("node logs:\n{}", self.log_tails())))
     }
+}
+
+/// `GET /cluster` of the node whose admin listener is `admin_url`.
+async fn view_at(http: &reqwest::Client, admin_url: &str) -> Result<View> {
+    let url = format!("{admin_url}/cluster");
+    let v: Value = http
+        .get(&url)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    View::parse(&v).with_context(|| format!("GET {url}: {v}"))
 }
 
 /// Pair → index of the node owning its session.
@@ -1543,5 +1557,571 @@ async fn grpc_partition(
     );
     cl.wait_converged(&[0, 1, 2], T).await?;
     finish(test, cl, load, reader).await?;
+    Ok(())
+}
+
+// === drain ========================================================================
+
+/// How soon after SIGTERM a draining node's `/readyz` must stop answering 200.
+const UNREADY_WITHIN: Duration = Duration::from_secs(1);
+/// How long a request in flight at SIGTERM holds the drain up (its body comes this late).
+const HOLD: Duration = Duration::from_millis(1500);
+
+/// A POST to `/v1/events`, signed as a.example, held in flight: its head (with `Expect:
+/// 100-continue`) is sent and the node has asked for the body, which only
+/// [`finish`](HeldPost::finish) sends.
+struct HeldPost {
+    stream: tokio::net::TcpStream,
+    body: Vec<u8>,
+}
+
+impl HeldPost {
+    async fn open(port: u16, body: Vec<u8>) -> Result<Self> {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let ts = now_secs();
+        let head = format!(
+            "POST /v1/events HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\nexpect: 100-continue\r\n\
+             x-fedrelay-domain: a.example\r\nx-fedrelay-timestamp: {ts}\r\n\
+             x-fedrelay-signature: {}\r\n\r\n",
+            body.len(),
+            sign::sign(SECRET_A.as_bytes(), ts, &body)
+        );
+        stream.write_all(head.as_bytes()).await?;
+        // The node asks for the body once its handler reads it: the request is in flight.
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            use tokio::io::AsyncReadExt;
+            let mut chunk = [0u8; 256];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut chunk).await?;
+                ensure!(n > 0, "connection closed before 100 Continue");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            anyhow::Ok(())
+        })
+        .await
+        .context("no 100 Continue within 5 s")??;
+        let got = String::from_utf8_lossy(&buf);
+        ensure!(
+            got.starts_with("HTTP/1.1 100"),
+            "want 100 Continue, got {got}"
+        );
+        Ok(Self { stream, body })
+    }
+
+    /// Sends the body; the status and JSON of the answer.
+    async fn finish(mut self) -> Result<(u16, Value)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.stream.write_all(&self.body).await?;
+        let mut buf = Vec::new();
+        tokio::time::timeout(T, self.stream.read_to_end(&mut buf))
+            .await
+            .context("no answer to the held request")??;
+        let text = String::from_utf8_lossy(&buf);
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("not an HTTP answer: {text}"))?;
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+    }
+}
+
+/// What the poller of a draining node's `/readyz` saw, counted from SIGTERM.
+#[derive(Debug, Default)]
+struct Readiness {
+    /// The first answer other than 200: when, and its status (`None`: nothing answered).
+    unready: Option<(Duration, Option<u16>)>,
+    /// A 200 after that: readiness must not come back while the node drains.
+    ready_again: Option<Duration>,
+    /// Polls answered 503 before the process exited.
+    answered_503: usize,
+}
+
+/// Polls `/readyz` on `port` until `exited` turns true or `limit` has passed since `from`;
+/// as a load balancer would, takes `node` out of `targets` at the first answer other than
+/// 200. Blocking: run it on a thread of its own.
+fn poll_readyz(
+    port: u16,
+    node: usize,
+    targets: &Targets,
+    exited: &AtomicBool,
+    from: Instant,
+    limit: Duration,
+) -> Readiness {
+    let mut r = Readiness::default();
+    while !exited.load(Ordering::SeqCst) && from.elapsed() < limit {
+        let status = test_support::http_get_status(port, "/readyz");
+        let at = from.elapsed();
+        match status {
+            Some(200) => {
+                if r.unready.is_some() && r.ready_again.is_none() {
+                    r.ready_again = Some(at);
+                }
+            }
+            other => {
+                if r.unready.is_none() {
+                    r.unready = Some((at, other));
+                    targets.remove(node);
+                }
+                if other == Some(503) {
+                    r.answered_503 += 1;
+                }
+            }
+        }
+        // The poll's period, not a wait for anything.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    r
+}
+
+/// Polls the `GET /cluster` of the node at `admin_url` until its members are exactly `want`
+/// (sorted); answers how long after `from` the first such answer arrived.
+async fn members_become(
+    http: &reqwest::Client,
+    admin_url: &str,
+    want: &[String],
+    from: Instant,
+) -> Result<Duration> {
+    let last = Mutex::new(String::new());
+    let res = test_support::wait_for(
+        &format!("{admin_url}/cluster to list exactly {want:?}"),
+        T,
+        || async {
+            match view_at(http, admin_url).await {
+                Ok(v) => {
+                    let ids = v.member_ids();
+                    *lock(&last) = format!("{ids:?} at revision {}", v.revision);
+                    (ids == want).then(|| from.elapsed())
+                }
+                Err(e) => {
+                    *lock(&last) = format!("{e:#}");
+                    None
+                }
+            }
+        },
+    )
+    .await;
+    res.with_context(|| format!("last seen: {}", lock(&last)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_node_under_load_leaving_etcd_first_and_losing_nothing() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let test = "drain";
+    let mut cl = Cluster::start(test, 3, &[]).await?;
+    let r = drain(test, &mut cl).await;
+    cl.explain(r)
+}
+
+async fn drain(test: &str, cl: &mut Cluster) -> Result<()> {
+    let victim = 1;
+    let survivors = [0, 2];
+    let targets = cl.targets();
+    // The reader starts on the node that drains: its stream ends, and it resumes elsewhere.
+    let reader = Reader::start(targets.clone(), victim)?;
+    let mut load = Load::start(test, targets.clone())?;
+    let t0 = Instant::now();
+    load.wait("two messages per pair", T, |a| {
+        all_acked_after(a, &all_pairs(), t0, 2)
+    })
+    .await?;
+    let owners = cl.owners(&sessions(&load.acks()), &[0, 1, 2])?;
+    let moving = owners.pairs_of(victim);
+    ensure!(!moving.is_empty(), "{} owns no session", node_id(victim));
+    let staying: HashSet<usize> = all_pairs().difference(&moving).copied().collect();
+
+    let victim_admin = cl.node(victim)?.admin_port;
+    let before =
+        tokio::task::block_in_place(|| test_support::http_get_status(victim_admin, "/readyz"));
+    ensure!(
+        before == Some(200),
+        "{} answered /readyz with {before:?} before SIGTERM",
+        node_id(victim)
+    );
+    let want: Vec<String> = survivors.iter().map(|&i| node_id(i)).collect();
+    let admin_urls = survivors
+        .iter()
+        .map(|&i| cl.node(i).map(RelayNode::admin_url))
+        .collect::<Result<Vec<_>>>()?;
+    let http = cl.http.clone();
+    let rt = tokio::runtime::Handle::current();
+    // A retry of a message already acknowledged for one of the node's sessions is in flight
+    // at the node when SIGTERM comes, and holds the drain up until its body arrives.
+    let retried = load
+        .acks()
+        .into_iter()
+        .filter(|a| moving.contains(&a.pair))
+        .min_by_key(|a| (a.pair, a.idx))
+        .context("no acknowledgement of a moving session")?;
+    let (pair, idx) = (retried.pair, retried.idx);
+    let body = serde_json::to_vec(&message(
+        &format!("{test}-p{pair}-m{idx}"),
+        &format!("alice-{pair}"),
+        &format!("bob-{pair}@b.example"),
+        &format!("{test} p{pair} m{idx}"),
+    ))?;
+    let held = HeldPost::open(cl.node(victim)?.http_port, body).await?;
+    // Longer than the drain deadline, so that a slow drain is measured rather than cut short.
+    let limit = DRAIN_TIMEOUT + Duration::from_secs(5);
+    let node = cl.node_mut(victim)?;
+    let exited_flag = AtomicBool::new(false);
+    let exited = &exited_flag;
+
+    // SIGTERM; meanwhile poll the node's readiness on one thread (the load stops sending to
+    // it once it is not ready) and the survivors' views on this one, and send the held
+    // request's body late.
+    let sigterm_at = Instant::now();
+    let (exit, readiness, (dropped, held_answer)) = tokio::task::block_in_place(|| {
+        std::thread::scope(|s| {
+            let waiter = s.spawn(move || {
+                let status = node.terminate(limit);
+                let at = Instant::now();
+                exited.store(true, Ordering::SeqCst);
+                (status, at)
+            });
+            let lb = &targets;
+            let poller =
+                s.spawn(move || poll_readyz(victim_admin, victim, lb, exited, sigterm_at, limit));
+            let watched = rt.block_on(async {
+                let views = futures::future::join_all(
+                    admin_urls
+                        .iter()
+                        .map(|u| members_become(&http, u, &want, sigterm_at)),
+                );
+                let answer = async {
+                    // The hold is the test's parameter.
+                    tokio::time::sleep_until((sigterm_at + HOLD).into()).await;
+                    let r = held.finish().await;
+                    (r, Instant::now())
+                };
+                tokio::join!(views, answer)
+            });
+            (waiter.join(), poller.join(), watched)
+        })
+    });
+    let (status, exited_at) = exit.map_err(|_| anyhow::anyhow!("the SIGTERM thread panicked"))?;
+    let readiness = readiness.map_err(|_| anyhow::anyhow!("the /readyz poller panicked"))?;
+    // Had /readyz never failed, the load balancer forgets the node now it is gone.
+    targets.remove(victim);
+    let status = status?;
+    let exit_after = exited_at - sigterm_at;
+    let dropped = dropped.into_iter().collect::<Result<Vec<_>>>()?;
+    let dropped_after = dropped.iter().copied().max().unwrap_or_default();
+    let (held_answer, answered_at) = held_answer;
+    let (held_status, held_json) = held_answer.context("the request held in flight")?;
+
+    // The load during the drain: answers by kind and node (POSTs still on their way to the
+    // draining node when the load balancer took it out count there).
+    let mut during: BTreeMap<String, usize> = BTreeMap::new();
+    let mut posts = 0usize;
+    for a in load
+        .attempts()
+        .iter()
+        .filter(|a| a.at >= sigterm_at && a.at <= exited_at)
+    {
+        posts += 1;
+        let what = match a.outcome {
+            Outcome::Accepted => "accepted".to_string(),
+            Outcome::Status(s) => s.to_string(),
+            Outcome::Failed => "conn/timeout".to_string(),
+        };
+        let at = if a.node == victim {
+            "draining node"
+        } else {
+            "others"
+        };
+        *during.entry(format!("{what} at {at}")).or_default() += 1;
+    }
+    let count_503: usize = during
+        .iter()
+        .filter(|(k, _)| k.starts_with("503 "))
+        .map(|(_, n)| n)
+        .sum();
+    note!(
+        "cluster/{test}: SIGTERM to {} ({} of {PAIRS} sessions): /readyz first {:?} after {:.3} s \
+         ({} polls answered 503 while draining); survivors listed 2 members after {:?} s \
+         (lease TTL {} s); exited with {status} after {:.2} s (drain deadline {} s)",
+        node_id(victim),
+        moving.len(),
+        readiness.unready.map(|(_, s)| s),
+        readiness.unready.map_or(f64::NAN, |(t, _)| secs(t)),
+        readiness.answered_503,
+        dropped
+            .iter()
+            .map(|d| format!("{:.3}", secs(*d)))
+            .collect::<Vec<_>>(),
+        LEASE_TTL.as_secs(),
+        secs(exit_after),
+        DRAIN_TIMEOUT.as_secs()
+    );
+    note!(
+        "cluster/{test}: during the drain the load saw {count_503} answers of 503 in {posts} \
+         POSTs: {during:?}"
+    );
+    note!(
+        "cluster/{test}: the request held in flight was answered {held_status} {:.2} s after \
+         SIGTERM ({held_json}); the node exited {:.3} s after that",
+        secs(answered_at - sigterm_at),
+        secs(exited_at.saturating_duration_since(answered_at))
+    );
+
+    ensure!(
+        status.success(),
+        "{} exited with {status} after SIGTERM",
+        node_id(victim)
+    );
+    ensure!(
+        exit_after <= DRAIN_TIMEOUT,
+        "{} took {exit_after:?} to exit, past its drain deadline of {DRAIN_TIMEOUT:?}",
+        node_id(victim)
+    );
+    match readiness.unready {
+        Some((t, Some(503))) if t <= UNREADY_WITHIN => {}
+        other => bail!(
+            "/readyz of the draining node: first non-200 answer (after, status) {other:?}; \
+             want 503 within {UNREADY_WITHIN:?} of SIGTERM"
+        ),
+    }
+    // The request in flight at SIGTERM was finished and answered as the retry it was.
+    ensure!(
+        held_status == 202
+            && held_json["duplicate"] == true
+            && held_json["relay_msg_id"] == retried.relay_msg_id.as_str()
+            && held_json["seq"] == retried.seq,
+        "the request in flight at SIGTERM (a retry of p{pair} m{idx}, acknowledged as seq {} \
+         {}) was answered {held_status} {held_json}",
+        retried.seq,
+        retried.relay_msg_id
+    );
+    ensure!(
+        readiness.ready_again.is_none(),
+        "/readyz answered 200 again {:?} after SIGTERM",
+        readiness.ready_again
+    );
+    // Deregistration, not lease expiry: the lease would have run out no sooner than 2/3 of
+    // its TTL after the node's last keep-alive (they come every TTL/3), so half the TTL
+    // tells the two apart.
+    ensure!(
+        dropped_after < LEASE_TTL / 2,
+        "the survivors listed two members only {dropped_after:?} after SIGTERM; deregistering \
+         should beat the lease ({LEASE_TTL:?}) by far"
+    );
+    let log = cl.node(victim)?.output()?;
+    for warning in [
+        "could not deregister",
+        "did not finish before the drain deadline",
+        "drain deadline reached",
+        "not flushed before the deadline",
+    ] {
+        ensure!(
+            !log.contains(warning),
+            "the draining node logged `{warning}`"
+        );
+    }
+
+    let views = cl.wait_converged(&survivors, T).await?;
+    let after = Instant::now();
+    load.wait("two more messages per pair", T, |a| {
+        all_acked_after(a, &all_pairs(), after, 2)
+    })
+    .await?;
+    let acks = load.acks();
+    let gap_moved = longest_ack_gap(&acks, &moving, sigterm_at);
+    let gap_staying = longest_ack_gap(&acks, &staying, sigterm_at);
+    note!(
+        "cluster/{test}: survivors agree at revision {}; longest ack gap since SIGTERM: the \
+         drained node's sessions {:.2} s, the others' {:.2} s",
+        views[0].revision,
+        secs(gap_moved),
+        secs(gap_staying)
+    );
+    // Its sessions moved on at once, not when a lease ran out.
+    ensure!(
+        gap_moved < LEASE_TTL,
+        "sessions of the draining node stalled {gap_moved:?}"
+    );
+    finish(test, cl, load, reader).await?;
+    Ok(())
+}
+
+// === cluster status ===============================================================
+
+/// Runs `relay-node <args>`: its exit status, stdout and stderr.
+async fn relay_node_cli(args: &[&str]) -> Result<(std::process::ExitStatus, String, String)> {
+    let bin = test_support::workspace_binary("relay-node")?;
+    let out = tokio::time::timeout(
+        T,
+        tokio::process::Command::new(&bin)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("FEDRELAY_CONFIG")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .with_context(|| format!("relay-node {} still running after {T:?}", args.join(" ")))??;
+    Ok((
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_status_lists_every_member_from_any_nodes_admin_listener() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let test = "status";
+    let cl = Cluster::start(test, 3, &[]).await?;
+    let r = status_command(test, &cl).await;
+    cl.explain(r)
+}
+
+async fn status_command(test: &str, cl: &Cluster) -> Result<()> {
+    let all = [0, 1, 2];
+    // Sessions on every node, so that the counts mean something.
+    let mut load = Load::start(test, cl.targets())?;
+    let t0 = Instant::now();
+    load.wait("a message per pair", T, |a| {
+        all_acked_after(a, &all_pairs(), t0, 1)
+    })
+    .await?;
+    let history = load.stop().await?;
+    let owners = cl.owners(&sessions(&history.acks), &all)?;
+    let want: Vec<Option<u64>> = all.iter().map(|&i| Some(owners.count(i) as u64)).collect();
+    let last = Mutex::new(Vec::new());
+    let res = test_support::wait_for("every node to host its sessions", T, || async {
+        let views = cl.views(&all).await.ok()?;
+        let counts: Vec<Option<u64>> = views.iter().map(View::own_sessions).collect();
+        *lock(&last) = counts.clone();
+        (counts == want).then_some(views)
+    })
+    .await;
+    let views = res.with_context(|| {
+        format!(
+            "sessions_active per node: want {want:?}, last seen {:?}",
+            lock(&last)
+        )
+    })?;
+    let revision = views[0].revision;
+    let grpc = |i: usize| -> Result<String> { Ok(format!("127.0.0.1:{}", cl.node(i)?.grpc_port)) };
+
+    // The table, from every node's admin listener.
+    for &at in &all {
+        let admin = cl.node(at)?.admin_url();
+        let (status, out, err) = relay_node_cli(&["cluster", "status", "--admin", &admin]).await?;
+        ensure!(
+            status.success(),
+            "cluster status --admin {admin}: {status}\n{out}{err}"
+        );
+        let mut lines = out.lines();
+        let head = format!(
+            "cluster as seen by {} at revision {revision} (ready)",
+            node_id(at)
+        );
+        ensure!(
+            lines.next() == Some(head.as_str()),
+            "want `{head}` first:\n{out}"
+        );
+        ensure!(
+            lines.next().is_some_and(|l| l.starts_with("NODE ")),
+            "no column header:\n{out}"
+        );
+        let rows: Vec<Vec<&str>> = lines.map(|l| l.split_whitespace().collect()).collect();
+        ensure!(rows.len() == 3, "want three members:\n{out}");
+        for &i in &all {
+            let row = rows
+                .iter()
+                .find(|r| r.first() == Some(&node_id(i).as_str()))
+                .with_context(|| format!("{} not listed:\n{out}", node_id(i)))?;
+            // NODE READY REVISION SESSIONS HANDOFFS PRESENCE GRPC
+            let sessions = owners.count(i).to_string();
+            let rev = revision.to_string();
+            let addr = grpc(i)?;
+            let id = node_id(i);
+            let want_row = [
+                Some(id.as_str()),
+                Some("yes"),
+                Some(rev.as_str()),
+                Some(sessions.as_str()),
+                Some("0"),
+            ];
+            ensure!(
+                row.len() == 7
+                    && row.iter().take(5).map(|c| Some(*c)).eq(want_row)
+                    && row.get(5).is_some_and(|p| p.parse::<u64>().is_ok())
+                    && row.get(6) == Some(&addr.as_str()),
+                "row of {}: {row:?}; want {want_row:?}, a presence count, {addr}:\n{out}",
+                node_id(i)
+            );
+        }
+        if at == 0 {
+            note!("cluster/{test}: `relay-node cluster status` printed:\n{out}");
+        }
+    }
+
+    // The JSON.
+    let admin = cl.node(1)?.admin_url();
+    let (status, out, err) =
+        relay_node_cli(&["cluster", "status", "--admin", &admin, "--json"]).await?;
+    ensure!(
+        status.success(),
+        "cluster status --json: {status}\n{out}{err}"
+    );
+    let v: Value = serde_json::from_str(&out).with_context(|| format!("not JSON:\n{out}"))?;
+    ensure!(
+        v["node_id"] == node_id(1).as_str() && v["ready"] == true && v["revision"] == revision,
+        "the answering node: {v}"
+    );
+    let members = v["members"].as_array().context("no members array")?;
+    ensure!(members.len() == 3, "want three members: {v}");
+    for &i in &all {
+        let m = members
+            .iter()
+            .find(|m| m["node_id"] == node_id(i).as_str())
+            .with_context(|| format!("{} not in {v}", node_id(i)))?;
+        ensure!(
+            m["sessions_active"].as_u64() == Some(owners.count(i) as u64)
+                && m["ready"] == true
+                && m["grpc_addr"] == grpc(i)?.as_str()
+                && m["handoffs_in_flight"].as_u64() == Some(0)
+                && m["presence_active"].is_u64(),
+            "{} in the JSON: {m}; want {} sessions",
+            node_id(i),
+            owners.count(i)
+        );
+    }
+
+    // Where nothing listens, and where something answers that is no admin listener: an
+    // error naming the URL, and no table.
+    let nothing = format!("http://127.0.0.1:{}", test_support::free_port()?);
+    let not_admin = cl.node(0)?.http_url();
+    for (url, json) in [(&nothing, false), (&nothing, true), (&not_admin, false)] {
+        let mut args = vec!["cluster", "status", "--admin", url.as_str()];
+        if json {
+            args.push("--json");
+        }
+        let started = Instant::now();
+        let (status, out, err) = relay_node_cli(&args).await?;
+        note!(
+            "cluster/{test}: `relay-node {}` → {status} after {:.2} s: {}",
+            args.join(" "),
+            secs(started.elapsed()),
+            err.trim()
+        );
+        ensure!(
+            !status.success() && status.code().is_some(),
+            "`relay-node {}` exited with {status}\n{out}{err}",
+            args.join(" ")
+        );
+        ensure!(
+            err.contains(url.as_str()),
+            "the error does not name {url}: {err}"
+        );
+        ensure!(out.is_empty(), "printed on failure: {out}");
+    }
     Ok(())
 }

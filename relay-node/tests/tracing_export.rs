@@ -1,11 +1,16 @@
 //! Spans are exported over OTLP to a collector, joined to the caller's W3C trace — across
 //! every node a message crosses — and carry ids, never content. The collector is an
 //! in-process OTLP/gRPC trace service.
+//!
+//! And a node's gRPC port, configured for mutual TLS, refuses plaintext and certificates of
+//! any other CA; the tests that run a cluster over mTLS share [`ClusterCerts`].
 
 mod common;
 
 use anyhow::{Context, Result, ensure};
 use common::*;
+use fedrelay_proto::v1::admin_service_client::AdminServiceClient;
+use fedrelay_proto::v1::{NodeStatus, StatusRequest};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -15,9 +20,12 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use serde_json::json;
+use std::io::Write;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use test_support::{RedisServer, RelayNode};
+use test_support::{EtcdServer, RedisServer, RelayNode};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// Spans received, each with the `service.name` of the process that exported it.
 #[derive(Clone, Default)]
@@ -149,30 +157,52 @@ async fn spans_reach_the_collector_in_the_callers_trace_without_content() -> Res
     Ok(())
 }
 
-/// A CA and one certificate for every node (127.0.0.1 and localhost), as PEM files.
+/// The common name of the cluster's CA (and of the look-alike CA).
+const CLUSTER_CA: &str = "fedrelay cluster CA";
+
+/// A CA and one certificate for every node (127.0.0.1 and localhost), as PEM files; and two
+/// foreign CAs with a certificate each for the same names: `lookalike-`, whose CA bears the
+/// cluster CA's name, and `foreign-`, named otherwise.
 struct ClusterCerts {
     dir: tempfile::TempDir,
+}
+
+/// A CA named `ca_name` and a certificate it signs for 127.0.0.1 and localhost, in `dir`:
+/// `<prefix>ca.pem`, `<prefix>node.pem` and `<prefix>node.key`.
+fn issue(dir: &Path, prefix: &str, ca_name: &str) -> Result<()> {
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, ca_name);
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])?
+        .signed_by(&key, &issuer)?;
+    std::fs::write(dir.join(format!("{prefix}ca.pem")), ca_cert.pem())?;
+    std::fs::write(dir.join(format!("{prefix}node.pem")), cert.pem())?;
+    std::fs::write(dir.join(format!("{prefix}node.key")), key.serialize_pem())?;
+    Ok(())
 }
 
 impl ClusterCerts {
     fn make() -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let ca_key = rcgen::KeyPair::generate()?;
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key)?;
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let key = rcgen::KeyPair::generate()?;
-        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])?
-            .signed_by(&key, &issuer)?;
-        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem())?;
-        std::fs::write(dir.path().join("node.pem"), cert.pem())?;
-        std::fs::write(dir.path().join("node.key"), key.serialize_pem())?;
+        issue(dir.path(), "", CLUSTER_CA)?;
+        issue(dir.path(), "lookalike-", CLUSTER_CA)?;
+        issue(dir.path(), "foreign-", "some other CA")?;
         Ok(Self { dir })
     }
 
+    fn path(&self, file: &str) -> std::path::PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// The `[cluster]` keys of a node: the cluster CA's certificate and key.
     fn config(&self) -> String {
-        let p = |f: &str| self.dir.path().join(f).display().to_string();
+        let p = |f: &str| self.path(f).display().to_string();
         format!(
             "tls_cert = \"{}\"\ntls_key = \"{}\"\ntls_ca = \"{}\"\n",
             p("node.pem"),
@@ -180,13 +210,27 @@ impl ClusterCerts {
             p("ca.pem")
         )
     }
+
+    /// A gRPC client's TLS: it trusts the cluster's CA and, with `identity` (`node`,
+    /// `lookalike-node` or `foreign-node`), presents that certificate.
+    fn client_tls(&self, identity: Option<&str>) -> Result<ClientTlsConfig> {
+        let ca = Certificate::from_pem(std::fs::read(self.path("ca.pem"))?);
+        let mut tls = ClientTlsConfig::new().ca_certificate(ca);
+        if let Some(name) = identity {
+            tls = tls.identity(Identity::from_pem(
+                std::fs::read(self.path(&format!("{name}.pem")))?,
+                std::fs::read(self.path(&format!("{name}.key")))?,
+            ));
+        }
+        Ok(tls)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_trace_spans_both_nodes_over_mutual_tls() -> Result<()> {
     let (collector, addr) = Collector::start().await?;
     let redis = RedisServer::start()?;
-    let etcd = test_support::EtcdServer::start()?;
+    let etcd = EtcdServer::start()?;
     let sink = Sink::start().await?;
     let certs = ClusterCerts::make()?;
     let node_config = |id: &str| {
@@ -286,5 +330,121 @@ async fn one_trace_spans_both_nodes_over_mutual_tls() -> Result<()> {
         collector.0.lock().map(|s| s.clone()).unwrap_or_default()
     );
     ensure!(!all.contains(CANARY), "message content in an exported span");
+    Ok(())
+}
+
+/// `AdminService.Status` of the node at `addr` (`host:port`), on a connection of its own:
+/// plaintext without `tls`. The inner error is the refusal; the outer one, a call that neither
+/// answered nor failed in time.
+async fn grpc_status(
+    addr: &str,
+    tls: Option<ClientTlsConfig>,
+) -> Result<std::result::Result<NodeStatus, String>> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5));
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let call = async {
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e:?}"))?;
+        AdminServiceClient::new(channel)
+            .status(StatusRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|e| format!("status: {e}"))
+    };
+    tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .with_context(|| format!("Status on {addr} neither answered nor failed within 10 s"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cluster_grpc_port_refuses_plaintext_and_certificates_of_another_ca() -> Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let redis = RedisServer::start()?;
+    let etcd = EtcdServer::start()?;
+    let certs = ClusterCerts::make()?;
+    let node_config = |id: &str| {
+        config(
+            &redis.url(),
+            "http://127.0.0.1:9/hook",
+            &format!(
+                "[cluster]\nmembership = \"etcd\"\nname = \"mtls\"\n\
+                 etcd_endpoints = [\"{}\"]\ngrpc_listen = \"127.0.0.1:{{GRPC_PORT}}\"\n{}",
+                etcd.endpoint(),
+                certs.config()
+            ),
+        )
+        .replace("node_id = \"test-1\"", &format!("node_id = \"{id}\""))
+    };
+    let nodes = [
+        RelayNode::start(&node_config("m1"))?,
+        RelayNode::start(&node_config("m2"))?,
+    ];
+    // The nodes themselves get through to each other: each lists the other as ready, which
+    // it learns over the other's gRPC port.
+    let c = client()?;
+    for n in &nodes {
+        test_support::wait_for(
+            "both nodes ready in each node's view",
+            Duration::from_secs(15),
+            || async {
+                let v: serde_json::Value = c
+                    .get(format!("{}/cluster", n.admin_url()))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                let members = v["members"].as_array()?;
+                (members.len() == 2 && members.iter().all(|m| m["ready"] == true)).then_some(())
+            },
+        )
+        .await?;
+    }
+
+    for (n, id) in nodes.iter().zip(["m1", "m2"]) {
+        let addr = format!("127.0.0.1:{}", n.grpc_port);
+        let status = |r: std::result::Result<NodeStatus, String>| {
+            r.map_err(|e| anyhow::anyhow!("a client of the cluster's CA was refused: {e}"))
+        };
+        // With the cluster CA's certificate: answered.
+        let s = status(grpc_status(&addr, Some(certs.client_tls(Some("node"))?)).await?)?;
+        ensure!(
+            s.node_id == id && s.ready && s.members.len() == 2,
+            "{addr} answered {s:?}"
+        );
+        // Anything else: refused.
+        for (what, tls) in [
+            ("plaintext", None),
+            (
+                "TLS without a client certificate",
+                Some(certs.client_tls(None)?),
+            ),
+            (
+                "TLS with a client certificate of another CA",
+                Some(certs.client_tls(Some("foreign-node"))?),
+            ),
+            (
+                "TLS with a client certificate of a CA named like the cluster's",
+                Some(certs.client_tls(Some("lookalike-node"))?),
+            ),
+        ] {
+            match grpc_status(&addr, tls).await? {
+                Ok(s) => anyhow::bail!("{what} to {id}'s gRPC port was answered: {s:?}"),
+                Err(e) => {
+                    let _ = writeln!(std::io::stderr(), "mtls: {what} to {id}: refused ({e})");
+                }
+            }
+        }
+        // And the refusals did not break the port for members.
+        status(grpc_status(&addr, Some(certs.client_tls(Some("node"))?)).await?)?;
+    }
     Ok(())
 }

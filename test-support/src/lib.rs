@@ -138,6 +138,11 @@ impl RedisServer {
         self.port
     }
 
+    /// The server's process id while it runs (for its CPU time in `/proc/<pid>/stat`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
@@ -164,11 +169,12 @@ impl Drop for RedisServer {
     }
 }
 
-/// Path of a binary built by this workspace (`relay-node`, `relay-loadtest`), next to the
-/// test executable's profile directory.
+/// Path of a binary built by this workspace (`relay-node`, `relay-loadtest`), in the test
+/// (or bench) executable's profile directory: `target/<profile>/deps/<test>-<hash>` →
+/// `target/<profile>/<name>` (`cargo bench` builds benches and the binaries they need into
+/// `target/release`, `cargo test` into `target/debug`).
 pub fn workspace_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
@@ -176,6 +182,11 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf> {
     let p = profile_dir.join(name);
     if p.is_file() {
         Ok(p)
+    } else if profile_dir.file_name().is_some_and(|d| d == "release") {
+        bail!(
+            "{} not built: run `cargo build --release --workspace` first (`cargo bench` does)",
+            p.display()
+        )
     } else {
         bail!(
             "{} not built: run `cargo build --workspace --all-targets` first (the README's test command does)",
@@ -206,6 +217,19 @@ impl RelayNode {
     }
 
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Result<Self> {
+        // A free port can be taken by someone else between choosing and binding it: try
+        // again on fresh ports when the node could not bind.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::try_start(config, env) {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("Address already in use") => {}
+                r => return r,
+            }
+        }
+    }
+
+    fn try_start(config: &str, env: &[(&str, &str)]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut node = Self {
             child: None,
