@@ -922,3 +922,48 @@ async fn a_stale_owner_cannot_append_after_another_claims(b: Backend) -> Result<
     ensure!(a3.seq == 3 && !a3.duplicate, "no double append: {a3:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_push_on_one_node_wakes_the_streams_of_another() -> Result<()> {
+    use session_actor::store::{Outbox, OutboxItem, RedisOutbox};
+    let redis = RedisServer::start()?;
+    let cfg = RedisStoreConfig::new(redis.url());
+    // Two nodes' outboxes on one Redis.
+    let (here, there) = (RedisOutbox::new(&cfg, 100)?, RedisOutbox::new(&cfg, 100)?);
+    let item = |n: u64| OutboxItem {
+        session_id: SessionId([9; 16]),
+        recipient: "bob".into(),
+        seq: n,
+        payload: format!("e{n}").into_bytes().into(),
+    };
+    let signal = there.notifier("D.example");
+    // Wait until the other node listens (its subscription is asynchronous): each push
+    // while it does not yet is simply not seen; the first one seen ends the wait.
+    let mut n = 0;
+    wait_for("a push here to wake a stream there", WAIT, || {
+        n += 1;
+        let (signal, here, item) = (signal.clone(), &here, item(n));
+        async move {
+            let woken = signal.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            here.push("d.example", &[item]).await.ok()?;
+            tokio::time::timeout(Duration::from_millis(200), woken)
+                .await
+                .ok()
+        }
+    })
+    .await?;
+    // A push that adds nothing (a repeat) wakes nobody.
+    let woken = signal.notified();
+    tokio::pin!(woken);
+    woken.as_mut().enable();
+    here.push("d.example", &[item(n)]).await?;
+    ensure!(
+        tokio::time::timeout(Duration::from_millis(300), woken)
+            .await
+            .is_err(),
+        "a repeat woke the stream"
+    );
+    Ok(())
+}

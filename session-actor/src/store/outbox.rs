@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::Notify;
 
 /// One delivery into an outbox.
@@ -59,9 +60,17 @@ pub trait Outbox: Send + Sync + 'static {
 struct Signals(Mutex<HashMap<String, Arc<Notify>>>);
 
 impl Signals {
+    fn wake_all(&self) {
+        if let Ok(m) = self.0.lock() {
+            for n in m.values() {
+                n.notify_waiters();
+            }
+        }
+    }
+
     fn get(&self, domain: &str) -> Arc<Notify> {
         match self.0.lock() {
-            Ok(mut m) => m.entry(domain.to_string()).or_default().clone(),
+            Ok(mut m) => m.entry(domain.to_ascii_lowercase()).or_default().clone(),
             // A poisoned map only loses wake-ups; readers still poll.
             Err(_) => Arc::new(Notify::new()),
         }
@@ -192,17 +201,39 @@ pub struct RedisOutbox {
     prefix: String,
     capacity: usize,
     push: redis::Script,
-    signals: Signals,
+    signals: Arc<Signals>,
+    listener: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for RedisOutbox {
+    fn drop(&mut self) {
+        if let Some(l) = self.listener.take() {
+            l.abort();
+        }
+    }
 }
 
 impl RedisOutbox {
+    /// Opens the outbox. Within a Tokio runtime it also subscribes to the outbox's
+    /// notification channel, so streams on this node wake as soon as any node appends to
+    /// their domain (without it they poll once a second).
     pub fn new(cfg: &RedisStoreConfig, capacity: usize) -> Result<Self, StoreError> {
+        let signals = Arc::new(Signals::default());
+        let channel = format!("{}:o:notify", cfg.key_prefix);
+        let listener = match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let client = redis::Client::open(cfg.url.as_str())?;
+                Some(rt.spawn(listen(client, channel, signals.clone())))
+            }
+            Err(_) => None,
+        };
         Ok(Self {
             conn: connect(cfg)?,
             prefix: cfg.key_prefix.clone(),
             capacity: capacity.max(1),
             push: redis::Script::new(include_str!("lua/outbox_push.lua")),
-            signals: Signals::default(),
+            signals,
+            listener,
         })
     }
 
@@ -219,7 +250,11 @@ impl Outbox for RedisOutbox {
         }
         let key = self.key(domain);
         let mut inv = self.push.prepare_invoke();
-        inv.key(&key).key(format!("{key}:last")).arg(self.capacity);
+        inv.key(&key)
+            .key(format!("{key}:last"))
+            .arg(self.capacity)
+            .arg(format!("{}:o:notify", self.prefix))
+            .arg(domain.to_ascii_lowercase());
         for item in items {
             inv.arg(format!("{}/{}", item.session_id.to_hex(), item.recipient))
                 .arg(item.seq)
@@ -294,6 +329,33 @@ impl Outbox for RedisOutbox {
 
     fn notifier(&self, domain: &str) -> Arc<Notify> {
         self.signals.get(domain)
+    }
+}
+
+/// Wakes this node's streams of a domain whenever any node appends to it (the push script
+/// publishes the domain on `channel`); reconnects with backoff while Redis is away.
+async fn listen(client: redis::Client, channel: String, signals: Arc<Signals>) {
+    use futures::StreamExt;
+    let mut failures = 0u32;
+    loop {
+        match client.get_async_pubsub().await {
+            Ok(mut pubsub) => {
+                if pubsub.subscribe(&channel).await.is_ok() {
+                    failures = 0;
+                    // Anything appended while not listening: wake every stream once.
+                    signals.wake_all();
+                    let mut messages = pubsub.on_message();
+                    while let Some(msg) = messages.next().await {
+                        if let Ok(domain) = msg.get_payload::<String>() {
+                            signals.get(&domain).notify_waiters();
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "outbox notifications unavailable; retrying"),
+        }
+        failures = failures.saturating_add(1);
+        tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(20)))).await;
     }
 }
 
