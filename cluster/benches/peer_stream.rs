@@ -163,5 +163,15 @@ fn main() -> Result<()> {
             o.cpu_us
         )?;
     }
+    // One caller at a time: the round trip of one forward, envelope out and ack back.
+    let sequential = if full { 20_000 } else { 500 };
+    let o = rt.block_on(run(sequential, 1, Duration::ZERO))?;
+    ensure!(o.acked == sequential, "{} of {sequential} acked", o.acked);
+    writeln!(
+        out,
+        "one caller: {:.1} µs per round trip, {:.2} CPU µs per envelope",
+        1e6 / o.per_sec,
+        o.cpu_us
+    )?;
     Ok(())
 }

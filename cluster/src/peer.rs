@@ -1,6 +1,11 @@
 //! Links to the other nodes: one long-lived bidirectional `SessionService.Deliver` stream per
 //! peer, envelopes batched onto it, acks matched back in order.
 //!
+//! Callers put envelopes on the link's queue and wake the connection; the request stream the
+//! connection polls drains whatever has gathered into one batch (natural batching: the busier
+//! the link, the bigger the batches, and no timer or extra task in the way). A task per link
+//! reads the acks and hands each to its caller, in order.
+//!
 //! Each link has a bounded queue. A caller whose envelope does not fit, or whose ack does not
 //! come back within the forward timeout, gets a retryable error at once — a slow or dead peer
 //! costs a bounded amount of memory, never an unbounded one, and the origin retries (inbound
@@ -10,12 +15,15 @@ use crate::Member;
 use fedrelay_proto::Envelope;
 use fedrelay_proto::v1::session_service_client::SessionServiceClient;
 use fedrelay_proto::v1::{Ack, EnvelopeBatch};
+use futures::Stream;
 use session_actor::{Accepted, SessionError, SessionId};
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::oneshot;
 use tonic::transport::{ClientTlsConfig, Endpoint};
 use tracing::{debug, warn};
 
@@ -42,7 +50,7 @@ impl Default for PeerConfig {
     fn default() -> Self {
         Self {
             max_batch: 256,
-            flush_delay: Duration::from_micros(200),
+            flush_delay: Duration::ZERO,
             queue: 8192,
             max_in_flight: 8192,
             forward_timeout: Duration::from_secs(5),
@@ -58,16 +66,51 @@ struct Item {
     reply: oneshot::Sender<Result<Ack, SessionError>>,
 }
 
+type Reply = oneshot::Sender<Result<Ack, SessionError>>;
+
+/// What callers, the request stream and the ack reader of one link share.
+#[derive(Default)]
+struct LinkState {
+    /// Waiting to be sent.
+    queue: VecDeque<Item>,
+    /// Sent on the current stream and not yet acknowledged, in order.
+    pending: VecDeque<Reply>,
+    /// The current stream's generation; a stream of an older one ends.
+    generation: u64,
+    /// The last attempt failed and the link is waiting to retry: callers are refused at once
+    /// instead of queueing for a peer that is not there.
+    down: bool,
+    /// The request stream waiting for envelopes (or for room in flight).
+    waker: Option<Waker>,
+    /// When the oldest queued envelope arrived (for `flush_delay`).
+    since: Option<tokio::time::Instant>,
+}
+
 struct Link {
     addr: String,
-    tx: mpsc::Sender<Item>,
+    state: Arc<Mutex<LinkState>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Link {
     fn drop(&mut self) {
         self.task.abort();
+        if let Ok(mut st) = self.state.lock() {
+            fail_all(&mut st, "peer left the cluster");
+        }
     }
+}
+
+fn fail_all(st: &mut LinkState, why: &str) {
+    for reply in st.pending.drain(..) {
+        let _ = reply.send(Err(SessionError::Unavailable(why.to_string())));
+    }
+    for item in st.queue.drain(..) {
+        let _ = item
+            .reply
+            .send(Err(SessionError::Unavailable(why.to_string())));
+    }
+    st.since = None;
 }
 
 /// The links of this node to its peers, created on first use.
@@ -100,16 +143,16 @@ impl Peers {
         {
             return Ok(l.clone());
         }
-        let (tx, rx) = mpsc::channel(self.cfg.queue.max(1));
+        let state = Arc::new(Mutex::new(LinkState::default()));
         let task = tokio::spawn(run_link(
             member.node_id.clone(),
             member.grpc_addr.clone(),
             self.cfg.clone(),
-            rx,
+            state.clone(),
         ));
         let link = Arc::new(Link {
             addr: member.grpc_addr.clone(),
-            tx,
+            state,
             task,
         });
         links.insert(member.node_id.clone(), link.clone());
@@ -138,17 +181,33 @@ impl Peers {
             .ok_or_else(|| SessionError::Invalid("session id must be 16 bytes".into()))?;
         let link = self.link(member)?;
         let (reply, rx) = oneshot::channel();
-        link.tx.try_send(Item { env, hops, reply }).map_err(|e| {
-            metrics::counter!("fedrelay_peer_refused_total", "reason" => "queue_full").increment(1);
-            SessionError::Unavailable(match e {
-                mpsc::error::TrySendError::Full(_) => {
-                    format!("node {} is not keeping up", member.node_id)
-                }
-                mpsc::error::TrySendError::Closed(_) => {
-                    format!("link to node {} closed", member.node_id)
-                }
-            })
-        })?;
+        let waker = {
+            let mut st = link
+                .state
+                .lock()
+                .map_err(|_| SessionError::Unavailable("peer link poisoned".into()))?;
+            let refused = if st.down {
+                Some("unreachable")
+            } else if st.queue.len() >= self.cfg.queue {
+                Some("not keeping up")
+            } else {
+                None
+            };
+            if let Some(why) = refused {
+                metrics::counter!("fedrelay_peer_refused_total", "reason" => why.replace(' ', "_"))
+                    .increment(1);
+                return Err(SessionError::Unavailable(format!(
+                    "node {} is {why}",
+                    member.node_id
+                )));
+            }
+            st.queue.push_back(Item { env, hops, reply });
+            st.since.get_or_insert_with(tokio::time::Instant::now);
+            st.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
         let ack = match tokio::time::timeout(self.cfg.forward_timeout, rx).await {
             Ok(Ok(r)) => r?,
             Ok(Err(_)) => {
@@ -217,48 +276,29 @@ pub(crate) fn endpoint(
     Ok(ep)
 }
 
-fn fail(item: Item, why: &str) {
-    let _ = item
-        .reply
-        .send(Err(SessionError::Unavailable(why.to_string())));
-}
-
-/// Keeps one stream to a peer open and moves envelopes over it until the link is dropped.
-async fn run_link(node_id: String, addr: String, cfg: PeerConfig, mut rx: mpsc::Receiver<Item>) {
+/// Keeps one stream to a peer open, reconnecting with backoff; reads its acks.
+async fn run_link(node_id: String, addr: String, cfg: PeerConfig, state: Arc<Mutex<LinkState>>) {
     let mut failures = 0u32;
-    let mut carry: Option<Item> = None;
     loop {
-        // Connect only when there is something to send.
-        if carry.is_none() {
-            match rx.recv().await {
-                Some(i) => carry = Some(i),
-                None => return,
+        let result = stream_once(&node_id, &addr, &cfg, &state, &mut failures).await;
+        let why = match &result {
+            Ok(()) => format!("link to node {node_id} closed"),
+            Err(e) => format!("link to node {node_id} broke: {e}"),
+        };
+        if let Ok(mut st) = state.lock() {
+            st.down = true;
+            st.generation += 1;
+            fail_all(&mut st, &why);
+            if let Some(w) = st.waker.take() {
+                w.wake();
             }
         }
-        let outcome = stream_once(&node_id, &addr, &cfg, &mut rx, &mut carry, &mut failures).await;
-        match outcome {
-            Ok(()) => return,
-            Err(e) => {
-                failures = failures.saturating_add(1);
-                warn!(peer = %node_id, error = %e, "link to peer broke; retrying");
-                metrics::counter!("fedrelay_peer_link_errors_total").increment(1);
-                // While the peer is unreachable, queued envelopes are refused at once rather
-                // than left to time out.
-                let backoff = Duration::from_millis(50 * u64::from(failures.min(20)));
-                let until = tokio::time::Instant::now() + backoff;
-                if let Some(i) = carry.take() {
-                    fail(i, "peer unreachable");
-                }
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(until) => break,
-                        i = rx.recv() => match i {
-                            Some(i) => fail(i, "peer unreachable"),
-                            None => return,
-                        },
-                    }
-                }
-            }
+        failures = failures.saturating_add(1);
+        warn!(peer = %node_id, reason = %why, "peer link down; reconnecting");
+        metrics::counter!("fedrelay_peer_link_errors_total").increment(1);
+        tokio::time::sleep(Duration::from_millis(50 * u64::from(failures.min(20)))).await;
+        if let Ok(mut st) = state.lock() {
+            st.down = false;
         }
     }
 }
@@ -267,8 +307,7 @@ async fn stream_once(
     node_id: &str,
     addr: &str,
     cfg: &PeerConfig,
-    rx: &mut mpsc::Receiver<Item>,
-    carry: &mut Option<Item>,
+    state: &Arc<Mutex<LinkState>>,
     failures: &mut u32,
 ) -> Result<(), String> {
     let channel = endpoint(addr, cfg.tls.as_ref(), cfg.connect_timeout)
@@ -279,101 +318,117 @@ async fn stream_once(
     let mut client = SessionServiceClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
-    let (req_tx, req_rx) = mpsc::channel::<EnvelopeBatch>(16);
-    let mut acks = tokio::time::timeout(
-        cfg.connect_timeout,
-        client.deliver(ReceiverStream::new(req_rx)),
-    )
-    .await
-    .map_err(|_| "stream not opened in time".to_string())?
-    .map_err(|e| format!("open stream: {e}"))?
-    .into_inner();
+    let generation = {
+        let mut st = state
+            .lock()
+            .map_err(|_| "link state poisoned".to_string())?;
+        st.generation += 1;
+        st.generation
+    };
+    let requests = Batches {
+        state: state.clone(),
+        generation,
+        max_batch: cfg.max_batch.max(1),
+        max_in_flight: cfg.max_in_flight.max(1),
+        flush_delay: cfg.flush_delay,
+        linger: None,
+    };
+    let mut acks = tokio::time::timeout(cfg.connect_timeout, client.deliver(requests))
+        .await
+        .map_err(|_| "stream not opened in time".to_string())?
+        .map_err(|e| format!("open stream: {e}"))?
+        .into_inner();
     debug!(peer = %node_id, "link to peer open");
     *failures = 0;
-    let mut pending: VecDeque<oneshot::Sender<Result<Ack, SessionError>>> = VecDeque::new();
-    let result = loop {
-        let room = pending.len() < cfg.max_in_flight;
-        tokio::select! {
-            biased;
-            msg = acks.message() => match msg {
-                Ok(Some(batch)) => {
-                    for ack in batch.acks {
-                        match pending.pop_front() {
-                            Some(reply) => { let _ = reply.send(Ok(ack)); }
-                            None => break,
+    loop {
+        match acks.message().await {
+            Ok(Some(batch)) => {
+                let mut st = state
+                    .lock()
+                    .map_err(|_| "link state poisoned".to_string())?;
+                for ack in batch.acks {
+                    match st.pending.pop_front() {
+                        Some(reply) => {
+                            let _ = reply.send(Ok(ack));
                         }
+                        None => return Err("more acks than envelopes".into()),
                     }
                 }
-                Ok(None) => break Err("peer closed the stream".to_string()),
-                Err(e) => break Err(format!("stream: {e}")),
-            },
-            first = next_item(rx, carry), if room => {
-                let Some(first) = first else { break Ok(()) };
-                let batch = collect_batch(first, rx, carry, cfg).await;
-                let hops = batch.first().map_or(0, |i| i.hops);
-                let mut envelopes = Vec::with_capacity(batch.len());
-                for item in batch {
-                    if item.reply.is_closed() {
-                        // Its caller gave up; do not journal what nobody will acknowledge.
-                        continue;
-                    }
-                    envelopes.push(item.env);
-                    pending.push_back(item.reply);
-                }
-                if envelopes.is_empty() {
-                    continue;
-                }
-                metrics::histogram!("fedrelay_peer_batch_size").record(envelopes.len() as f64);
-                if req_tx.send(EnvelopeBatch { envelopes, hops }).await.is_err() {
-                    break Err("request stream closed".to_string());
+                // Room in flight again: the request stream may go on.
+                if let Some(w) = st.waker.take() {
+                    w.wake();
                 }
             }
+            Ok(None) => return Err("peer closed the stream".into()),
+            Err(e) => return Err(format!("stream: {e}")),
         }
-    };
-    let why = match &result {
-        Ok(()) => "node shutting down".to_string(),
-        Err(e) => format!("link to node {node_id} broke: {e}"),
-    };
-    for reply in pending {
-        let _ = reply.send(Err(SessionError::Unavailable(why.clone())));
-    }
-    result
-}
-
-async fn next_item(rx: &mut mpsc::Receiver<Item>, carry: &mut Option<Item>) -> Option<Item> {
-    match carry.take() {
-        Some(i) => Some(i),
-        None => rx.recv().await,
     }
 }
 
-/// The first item plus whatever follows within the flush delay, up to the batch size; all of
-/// one batch have the same hop count (an item with another is carried to the next batch).
-async fn collect_batch(
-    first: Item,
-    rx: &mut mpsc::Receiver<Item>,
-    carry: &mut Option<Item>,
-    cfg: &PeerConfig,
-) -> Vec<Item> {
-    let hops = first.hops;
-    let mut batch = vec![first];
-    let deadline = tokio::time::Instant::now() + cfg.flush_delay;
-    while batch.len() < cfg.max_batch {
-        let next = match rx.try_recv() {
-            Ok(i) => i,
-            Err(mpsc::error::TryRecvError::Empty) if !cfg.flush_delay.is_zero() => {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(i)) => i,
-                    _ => break,
-                }
-            }
-            Err(_) => break,
+/// The request side of a link's stream: each poll drains what has gathered on the queue
+/// into one batch — up to `max_batch`, all of one hop count — and records the callers in
+/// order for their acks.
+struct Batches {
+    state: Arc<Mutex<LinkState>>,
+    generation: u64,
+    max_batch: usize,
+    max_in_flight: usize,
+    flush_delay: Duration,
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Stream for Batches {
+    type Item = EnvelopeBatch;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<EnvelopeBatch>> {
+        let this = &mut *self;
+        let Ok(mut st) = this.state.lock() else {
+            return Poll::Ready(None);
         };
-        if next.hops != hops {
-            *carry = Some(next);
-            break;
+        if st.generation != this.generation {
+            return Poll::Ready(None);
         }
-        batch.push(next);
+        if st.queue.is_empty() || st.pending.len() >= this.max_in_flight {
+            st.waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        // Optionally linger for a fuller batch, at most `flush_delay` after the oldest.
+        if !this.flush_delay.is_zero()
+            && st.queue.len() < this.max_batch
+            && let Some(since) = st.since
+        {
+            let until = since + this.flush_delay;
+            if tokio::time::Instant::now() < until {
+                let sleep = this
+                    .linger
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                sleep.as_mut().reset(until);
+                if sleep.as_mut().poll(cx).is_pending() {
+                    st.waker = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+            }
+        }
+        let hops = st.queue.front().map_or(0, |i| i.hops);
+        let room = this.max_batch.min(this.max_in_flight - st.pending.len());
+        let mut envelopes = Vec::with_capacity(room.min(st.queue.len()));
+        while envelopes.len() < room && st.queue.front().is_some_and(|i| i.hops == hops) {
+            let Some(item) = st.queue.pop_front() else {
+                break;
+            };
+            if item.reply.is_closed() {
+                // Its caller gave up; do not journal what nobody will acknowledge.
+                continue;
+            }
+            envelopes.push(item.env);
+            st.pending.push_back(item.reply);
+        }
+        st.since = (!st.queue.is_empty()).then(tokio::time::Instant::now);
+        if envelopes.is_empty() {
+            st.waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        metrics::histogram!("fedrelay_peer_batch_size").record(envelopes.len() as f64);
+        Poll::Ready(Some(EnvelopeBatch { envelopes, hops }))
     }
-    batch
 }

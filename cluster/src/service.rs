@@ -13,8 +13,6 @@ use futures::stream::FuturesOrdered;
 use session_actor::{Accepted, SessionError, SessionId, SupervisorHandle};
 use std::pin::Pin;
 use std::sync::Arc;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -50,30 +48,30 @@ impl SessionService for SessionSvc {
         &self,
         req: Request<Streaming<EnvelopeBatch>>,
     ) -> Result<Response<Self::DeliverStream>, Status> {
-        let mut inbound = req.into_inner();
+        let inbound = req.into_inner();
         let router = self.router.clone();
-        let (tx, rx) = mpsc::channel(MAX_BATCHES_IN_FLIGHT);
-        tokio::spawn(async move {
-            let mut work = FuturesOrdered::new();
-            let mut open = true;
-            loop {
-                tokio::select! {
-                    batch = inbound.message(), if open && work.len() < MAX_BATCHES_IN_FLIGHT => {
-                        match batch {
-                            Ok(Some(b)) => work.push_back(handle_batch(router.clone(), b)),
-                            Ok(None) | Err(_) => open = false,
+        // The response stream itself drives the work: polled by the connection, it reads
+        // batches (at most MAX_BATCHES_IN_FLIGHT ahead) and yields their acks in order.
+        let acks = futures::stream::unfold(
+            (inbound, FuturesOrdered::new(), true, router),
+            |(mut inbound, mut work, mut open, router)| async move {
+                loop {
+                    tokio::select! {
+                        batch = inbound.message(), if open && work.len() < MAX_BATCHES_IN_FLIGHT => {
+                            match batch {
+                                Ok(Some(b)) => work.push_back(handle_batch(router.clone(), b)),
+                                Ok(None) | Err(_) => open = false,
+                            }
                         }
-                    }
-                    Some(acks) = work.next() => {
-                        if tx.send(Ok(acks)).await.is_err() {
-                            return;
+                        Some(acks) = work.next(), if !work.is_empty() => {
+                            return Some((Ok(acks), (inbound, work, open, router)));
                         }
+                        else => return None,
                     }
-                    else => return,
                 }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+            },
+        );
+        Ok(Response::new(Box::pin(acks)))
     }
 }
 
