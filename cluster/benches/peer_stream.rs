@@ -152,7 +152,7 @@ fn main() -> Result<()> {
         "{:<22} {:>14} {:>16}",
         "flush delay", "envelopes/s", "CPU µs/envelope"
     )?;
-    for delay in [Duration::ZERO, Duration::from_micros(200)] {
+    for delay in [Duration::ZERO, Duration::from_millis(2)] {
         let o = rt.block_on(run(total, callers, delay))?;
         ensure!(o.acked == total, "{} of {total} envelopes acked", o.acked);
         writeln!(

@@ -50,7 +50,7 @@ impl Default for PeerConfig {
     fn default() -> Self {
         Self {
             max_batch: 256,
-            flush_delay: Duration::ZERO,
+            flush_delay: Duration::from_millis(2),
             queue: 8192,
             max_in_flight: 8192,
             forward_timeout: Duration::from_secs(5),

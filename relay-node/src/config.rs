@@ -335,7 +335,9 @@ pub struct ClusterConfig {
     /// How long a forwarded envelope may wait for the owner's ack before the origin gets a
     /// retryable error.
     pub forward_timeout_ms: u64,
-    /// Envelopes per batch on a peer stream, and how long a batch may wait to fill.
+    /// Envelopes per batch on a peer stream. A batch is whatever gathered while the stream
+    /// was busy sending the previous one; `flush_delay_us` > 0 also lets a partial batch wait
+    /// that long to fill (fewer, fuller batches at low rates, for latency).
     pub max_batch: usize,
     pub flush_delay_us: u64,
     /// Envelopes queued per peer before senders get a retryable error.
@@ -360,7 +362,7 @@ impl Default for ClusterConfig {
             tls_server_name: None,
             forward_timeout_ms: 5_000,
             max_batch: 256,
-            flush_delay_us: 200,
+            flush_delay_us: 2_000,
             peer_queue: 8_192,
             resume_scan_secs: 60,
         }
