@@ -187,15 +187,14 @@ impl Peers {
                 .lock()
                 .map_err(|_| SessionError::Unavailable("peer link poisoned".into()))?;
             let refused = if st.down {
-                Some("unreachable")
+                Some(("unreachable", "unreachable"))
             } else if st.queue.len() >= self.cfg.queue {
-                Some("not keeping up")
+                Some(("queue_full", "not keeping up"))
             } else {
                 None
             };
-            if let Some(why) = refused {
-                metrics::counter!("fedrelay_peer_refused_total", "reason" => why.replace(' ', "_"))
-                    .increment(1);
+            if let Some((reason, why)) = refused {
+                metrics::counter!("fedrelay_peer_refused_total", "reason" => reason).increment(1);
                 return Err(SessionError::Unavailable(format!(
                     "node {} is {why}",
                     member.node_id

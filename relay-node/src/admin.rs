@@ -143,7 +143,7 @@ pub fn install_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus
     );
     metrics::describe_counter!(
         "fedrelay_peer_refused_total",
-        "forwards refused with a retryable error, by reason (queue_full, timeout)"
+        "forwards refused with a retryable error, by reason (unreachable, queue_full, timeout)"
     );
     metrics::describe_counter!(
         "fedrelay_session_handoffs_total",

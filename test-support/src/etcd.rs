@@ -23,14 +23,23 @@ impl EtcdServer {
     /// Starts etcd and waits until `GET /health` says `{"health":"true"}`. Fails naming
     /// `apt-get install etcd-server` when the binary is missing.
     pub fn start() -> Result<Self> {
-        let mut s = Self {
-            child: None,
-            client_port: free_port()?,
-            peer_port: free_port()?,
-            dir: tempfile::tempdir()?,
-        };
-        s.spawn()?;
-        Ok(s)
+        // A port chosen free may be taken by another process before etcd binds it: try
+        // again on fresh ports then.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut s = Self {
+                child: None,
+                client_port: free_port()?,
+                peer_port: free_port()?,
+                dir: tempfile::tempdir()?,
+            };
+            match s.spawn() {
+                Ok(()) => return Ok(s),
+                Err(e) if attempt < 3 && format!("{e:#}").contains("address already in use") => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The client URL, `http://127.0.0.1:<port>`, for `etcd_endpoints`.
