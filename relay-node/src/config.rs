@@ -332,6 +332,9 @@ pub struct ClusterConfig {
     pub tls_ca: Option<PathBuf>,
     /// The name peers' certificates are checked against; default the host of their address.
     pub tls_server_name: Option<String>,
+    /// Serve peers without TLS on a non-loopback address (a network only the cluster's
+    /// nodes can reach, e.g. behind a NetworkPolicy). Off: such a config is refused.
+    pub allow_plaintext: bool,
     /// How long a forwarded envelope may wait for the owner's ack before the origin gets a
     /// retryable error.
     pub forward_timeout_ms: u64,
@@ -360,6 +363,7 @@ impl Default for ClusterConfig {
             tls_key: None,
             tls_ca: None,
             tls_server_name: None,
+            allow_plaintext: false,
             forward_timeout_ms: 5_000,
             max_batch: 256,
             flush_delay_us: 2_000,
@@ -539,6 +543,15 @@ impl Config {
             return bad(
                 "cluster: give `tls_cert`, `tls_key` and `tls_ca` together, or none".into(),
             );
+        }
+        if let Some(l) = c.grpc_listen
+            && tls_parts == 0
+            && !c.allow_plaintext
+            && !l.ip().is_loopback()
+        {
+            return bad(format!(
+                "cluster: gRPC on {l} without TLS would let anyone who reaches it inject messages; set `tls_cert`/`tls_key`/`tls_ca`, or `allow_plaintext = true` on a network only the nodes reach"
+            ));
         }
         if c.max_batch == 0 || c.peer_queue == 0 || c.forward_timeout_ms == 0 {
             return bad("cluster: batch, queue and timeout must be positive".into());
@@ -764,6 +777,15 @@ between = ["a.example", "b.example"]
                 "loopback",
             ),
             ("[http]\nlisten = \"0.0.0.0:8080\"\n", "without TLS"),
+            (
+                "[cluster]\ngrpc_listen = \"0.0.0.0:7443\"\n",
+                "gRPC on 0.0.0.0:7443 without TLS",
+            ),
+            (
+                "[cluster]\nmembership = \"etcd\"\ngrpc_listen = \"127.0.0.1:7443\"\n",
+                "needs `etcd_endpoints`",
+            ),
+            ("[cluster]\ntls_cert = \"/c.pem\"\n", "together, or none"),
         ] {
             match load(extra) {
                 Err(ConfigError::Invalid(m)) => assert!(m.contains(why), "{m}"),
