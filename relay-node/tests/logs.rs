@@ -30,16 +30,15 @@ async fn message_content_never_reaches_logs_of_a_cluster() -> Result<()> {
     let etcd = test_support::EtcdServer::start()?;
     let sink = Sink::start().await?;
     let node_config = |id: &str| {
-        config(
+        cluster_config(
             &redis.url(),
             &sink.url,
-            &format!(
-                "[cluster]\nmembership = \"etcd\"\nname = \"logs\"\netcd_endpoints = [\"{}\"]\n\
-                 grpc_listen = \"127.0.0.1:{{GRPC_PORT}}\"\n",
-                etcd.endpoint()
-            ),
+            &etcd.endpoint(),
+            "logs",
+            id,
+            "",
+            "",
         )
-        .replace("node_id = \"test-1\"", &format!("node_id = \"{id}\""))
     };
     let env = [("RUST_LOG", "trace")];
     let l1 = RelayNode::start_with_env(&node_config("l1"), &env)?;
@@ -60,22 +59,7 @@ async fn message_content_never_reaches_logs_of_a_cluster() -> Result<()> {
         _ => &l1,
     };
     let c = client()?;
-    test_support::wait_for(
-        "both nodes in the entry node's view",
-        Duration::from_secs(15),
-        || async {
-            let v: serde_json::Value = c
-                .get(format!("{}/cluster", entry.admin_url()))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (v["members"].as_array()?.len() == 2).then_some(())
-        },
-    )
-    .await?;
+    wait_members(&c, &entry.admin_url(), 2).await?;
     check_no_content(&redis, &sink, entry, &[&l1, &l2]).await
 }
 

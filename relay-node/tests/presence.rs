@@ -8,22 +8,9 @@ use common::*;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::time::Duration;
-use test_support::{EtcdServer, RedisServer, RelayNode, wait_for};
+use test_support::{EtcdServer, RedisServer, RelayNode};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn node_config(redis: &RedisServer, etcd: &EtcdServer, sink: &Sink, id: &str) -> String {
-    config(
-        &redis.url(),
-        &sink.url,
-        &format!(
-            "[cluster]\nmembership = \"etcd\"\nname = \"presence\"\netcd_endpoints = [\"{}\"]\n\
-             lease_ttl_secs = 3\ngrpc_listen = \"127.0.0.1:{{GRPC_PORT}}\"\n",
-            etcd.endpoint()
-        ),
-    )
-    .replace("node_id = \"test-1\"", &format!("node_id = \"{id}\""))
-}
 
 /// Reads presence events from a stream until `n` distinct subscribers have the wanted
 /// availability; answers how many presence events each subscriber got in all.
@@ -56,21 +43,21 @@ async fn presence_fans_out_to_contacts_on_every_node() -> Result<()> {
     let sink = Sink::start().await?;
     let nodes = ["p1", "p2", "p3"]
         .iter()
-        .map(|id| RelayNode::start(&node_config(&redis, &etcd, &sink, id)))
+        .map(|id| {
+            let cfg = cluster_config(
+                &redis.url(),
+                &sink.url,
+                &etcd.endpoint(),
+                "presence",
+                id,
+                "",
+                "lease_ttl_secs = 3",
+            );
+            RelayNode::start(&cfg)
+        })
         .collect::<Result<Vec<_>>>()?;
     let c = client()?;
-    wait_for("a three-node view", WAIT, || async {
-        let v: Value = c
-            .get(format!("{}/cluster", nodes[0].admin_url()))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        (v["members"].as_array()?.len() == 3).then_some(())
-    })
-    .await?;
+    wait_members(&c, &nodes[0].admin_url(), 3).await?;
 
     // 30 users of b.example accept alice's contact request, through different nodes.
     let subscribers: Vec<String> = (0..30).map(|i| format!("u{i}")).collect();

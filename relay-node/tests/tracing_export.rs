@@ -234,40 +234,23 @@ async fn one_trace_spans_both_nodes_over_mutual_tls() -> Result<()> {
     let sink = Sink::start().await?;
     let certs = ClusterCerts::make()?;
     let node_config = |id: &str| {
-        config(
+        let telemetry = format!("otlp_endpoint = \"http://{addr}\"\nservice_name = \"relay-{id}\"");
+        let tls = certs.config();
+        cluster_config(
             &redis.url(),
             &sink.url,
-            &format!(
-                "otlp_endpoint = \"http://{addr}\"\nservice_name = \"relay-{id}\"\n\
-                 [cluster]\nmembership = \"etcd\"\nname = \"trace\"\n\
-                 etcd_endpoints = [\"{}\"]\ngrpc_listen = \"127.0.0.1:{{GRPC_PORT}}\"\n{}",
-                etcd.endpoint(),
-                certs.config()
-            ),
+            &etcd.endpoint(),
+            "trace",
+            id,
+            &telemetry,
+            &tls,
         )
-        .replace("node_id = \"test-1\"", &format!("node_id = \"{id}\""))
     };
     let env = [("OTEL_BSP_SCHEDULE_DELAY", "100")];
     let n1 = RelayNode::start_with_env(&node_config("t1"), &env)?;
     let n2 = RelayNode::start_with_env(&node_config("t2"), &env)?;
     let c = client()?;
-    test_support::wait_for(
-        "both nodes in both views",
-        Duration::from_secs(15),
-        || async {
-            let v: serde_json::Value = c
-                .get(format!("{}/cluster", n1.admin_url()))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            let members = v["members"].as_array()?;
-            (members.len() == 2 && members.iter().all(|m| m["ready"] == true)).then_some(())
-        },
-    )
-    .await?;
+    wait_members(&c, &n1.admin_url(), 2).await?;
 
     // A sender whose session node t2 owns, posted to node t1: the message crosses nodes.
     let map = cluster::ShardMap::new(
@@ -370,17 +353,16 @@ async fn the_cluster_grpc_port_refuses_plaintext_and_certificates_of_another_ca(
     let etcd = EtcdServer::start()?;
     let certs = ClusterCerts::make()?;
     let node_config = |id: &str| {
-        config(
+        let tls = certs.config();
+        cluster_config(
             &redis.url(),
             "http://127.0.0.1:9/hook",
-            &format!(
-                "[cluster]\nmembership = \"etcd\"\nname = \"mtls\"\n\
-                 etcd_endpoints = [\"{}\"]\ngrpc_listen = \"127.0.0.1:{{GRPC_PORT}}\"\n{}",
-                etcd.endpoint(),
-                certs.config()
-            ),
+            &etcd.endpoint(),
+            "mtls",
+            id,
+            "",
+            &tls,
         )
-        .replace("node_id = \"test-1\"", &format!("node_id = \"{id}\""))
     };
     let nodes = [
         RelayNode::start(&node_config("m1"))?,
@@ -390,23 +372,7 @@ async fn the_cluster_grpc_port_refuses_plaintext_and_certificates_of_another_ca(
     // it learns over the other's gRPC port.
     let c = client()?;
     for n in &nodes {
-        test_support::wait_for(
-            "both nodes ready in each node's view",
-            Duration::from_secs(15),
-            || async {
-                let v: serde_json::Value = c
-                    .get(format!("{}/cluster", n.admin_url()))
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
-                let members = v["members"].as_array()?;
-                (members.len() == 2 && members.iter().all(|m| m["ready"] == true)).then_some(())
-            },
-        )
-        .await?;
+        wait_members(&c, &n.admin_url(), 2).await?;
     }
 
     for (n, id) in nodes.iter().zip(["m1", "m2"]) {

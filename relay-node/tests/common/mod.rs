@@ -425,3 +425,47 @@ pub async fn metadata_entries(url: &str) -> Result<Vec<std::collections::HashMap
     }
     Ok(out)
 }
+
+/// `config()` for node `id` of an etcd cluster named `name`, with `extra` in its
+/// `[cluster]` section (the gRPC listener is `{GRPC_PORT}`).
+pub fn cluster_config(
+    redis_url: &str,
+    webhook_url: &str,
+    etcd_endpoint: &str,
+    name: &str,
+    id: &str,
+    telemetry: &str,
+    extra: &str,
+) -> String {
+    config(
+        redis_url,
+        webhook_url,
+        &format!(
+            "{telemetry}\n[cluster]\nmembership = \"etcd\"\nname = \"{name}\"\n\
+             etcd_endpoints = [\"{etcd_endpoint}\"]\ngrpc_listen = \"127.0.0.1:{{GRPC_PORT}}\"\n{extra}"
+        ),
+    )
+    .replace("node_id = \"test-1\"", &format!("node_id = \"{id}\""))
+}
+
+/// Waits until the node at `admin_url` lists `n` members, all ready (a view it assembles by
+/// asking every member over gRPC).
+pub async fn wait_members(c: &reqwest::Client, admin_url: &str, n: usize) -> Result<()> {
+    test_support::wait_for(
+        &format!("{n} ready members in the view of {admin_url}"),
+        Duration::from_secs(15),
+        || async {
+            let v: Value = c
+                .get(format!("{admin_url}/cluster"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let members = v["members"].as_array()?;
+            (members.len() == n && members.iter().all(|m| m["ready"] == true)).then_some(())
+        },
+    )
+    .await
+}
