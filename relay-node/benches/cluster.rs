@@ -34,7 +34,10 @@
 mod common;
 
 use anyhow::{Context, Result, bail, ensure};
-use cluster::{Member, ShardMap};
+use common::cluster::{
+    Cluster, Examples, NodeConfig, View, etcd_section, lock, message_body, node_id, outbox_end,
+    owners_by_hash, parse_text, seq_gaps, stream_id,
+};
 use common::{SECRET_A, SECRET_B, Stream, now_secs, signed_request};
 use fedrelay_proto::Address;
 use futures::StreamExt;
@@ -45,13 +48,10 @@ use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use test_support::{EtcdServer, RedisServer, RelayNode};
 use tokio::task::JoinHandle;
 
-/// Webhook URL of domain c.example, which nothing here sends to.
-const UNUSED_WEBHOOK: &str = "http://127.0.0.1:9/hook";
 /// Generous bound of the waits for conditions.
 const T: Duration = Duration::from_secs(30);
 /// How often a refused POST is tried again.
@@ -70,10 +70,6 @@ macro_rules! note {
     ($($arg:tt)*) => {{
         let _ = writeln!(std::io::stderr(), $($arg)*);
     }};
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 // === options =====================================================================
@@ -235,281 +231,29 @@ fn secs_arg(s: &str) -> Result<Duration> {
 
 // === the cluster =================================================================
 
-fn node_id(i: usize) -> String {
-    format!("n{}", i + 1)
-}
-
 /// The config of node `i`: the HTTP-edge test config (domains a–d) with an etcd `[cluster]`
 /// section, at the node's defaults for sessions and the store (not the tests' fast retries).
-fn node_config(
-    redis_url: &str,
-    etcd: &str,
-    name: &str,
-    i: usize,
-    lease_ttl: u64,
-) -> Result<String> {
-    let extra = format!(
-        "[cluster]\nmembership = \"etcd\"\nname = \"{name}\"\netcd_endpoints = [\"{etcd}\"]\n\
-         lease_ttl_secs = {lease_ttl}\ngrpc_listen = \"127.0.0.1:{{GRPC_PORT}}\"\n"
-    );
-    let mut cfg = common::config(redis_url, UNUSED_WEBHOOK, &extra);
-    for (from, to) in [
-        (
-            "node_id = \"test-1\"\n".to_string(),
-            format!("node_id = \"{}\"\n", node_id(i)),
-        ),
-        ("response_timeout_ms = 500\n".into(), String::new()),
-        (
-            "[session]\nretry_base_ms = 20\nretry_max_ms = 200\nack_flush_ms = 10\n".into(),
-            String::new(),
-        ),
-    ] {
-        ensure!(
-            cfg.contains(&from),
-            "the test config (tests/common) no longer has {from:?}"
-        );
-        cfg = cfg.replace(&from, &to);
-    }
-    Ok(cfg)
-}
-
-/// A node's `GET /cluster`, the parts used here.
-#[derive(Debug, Clone)]
-struct View {
-    node_id: String,
-    revision: i64,
-    ready: bool,
-    members: Vec<(String, u64)>,
-    handoffs_in_flight: Option<u64>,
-}
-
-impl View {
-    fn parse(v: &Value) -> Result<Self> {
-        let members = v["members"]
-            .as_array()
-            .context("no members")?
-            .iter()
-            .map(|m| {
-                Ok((
-                    m["node_id"].as_str().context("member node_id")?.to_string(),
-                    m["sessions_active"].as_u64().unwrap_or(0),
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            node_id: v["node_id"].as_str().context("node_id")?.to_string(),
-            revision: v["revision"].as_i64().context("revision")?,
-            ready: v["ready"].as_bool().unwrap_or(false),
-            members,
-            handoffs_in_flight: v["handoffs_in_flight"].as_u64(),
-        })
-    }
-
-    fn member_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.members.iter().map(|m| m.0.clone()).collect();
-        ids.sort();
-        ids
-    }
-
-    /// `sessions_active` of the node itself.
-    fn own_sessions(&self) -> Option<u64> {
-        self.members
-            .iter()
-            .find(|m| m.0 == self.node_id)
-            .map(|m| m.1)
-    }
-}
-
-fn start_node(cfg: &str, env: &[(String, String)]) -> Result<RelayNode> {
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    RelayNode::start_with_env(cfg, &env)
-}
-
-/// Redis, etcd and the relay nodes of one scenario; node `i` is `n{i+1}`.
-struct Cluster {
-    name: String,
-    lease_ttl: u64,
-    /// `FEDRELAY_*` overrides every node starts with.
-    env: Vec<(String, String)>,
-    redis: RedisServer,
-    etcd: EtcdServer,
-    nodes: Vec<RelayNode>,
-    http: reqwest::Client,
-}
-
-impl Cluster {
-    /// Starts Redis, etcd and `n` nodes, and waits until all of them see all of them.
-    async fn start(name: &str, n: usize, lease_ttl: u64, opts: &Opts) -> Result<Self> {
-        let redis = RedisServer::start()?;
-        let etcd = EtcdServer::start()?;
-        let env = opts.node_env.clone();
-        let mut starts = Vec::new();
-        for i in 0..n {
-            let cfg = node_config(&redis.url(), &etcd.endpoint(), name, i, lease_ttl)?;
-            let env = env.clone();
-            starts.push(tokio::task::spawn_blocking(move || start_node(&cfg, &env)));
-        }
-        let mut nodes = Vec::new();
-        for (i, s) in starts.into_iter().enumerate() {
-            nodes.push(
-                s.await?
-                    .with_context(|| format!("starting {}", node_id(i)))?,
-            );
-        }
-        let cluster = Self {
-            name: name.to_string(),
-            lease_ttl,
-            env,
-            redis,
-            etcd,
-            nodes,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(2))
-                .build()?,
-        };
-        let all: Vec<usize> = (0..n).collect();
-        let r = cluster.wait_converged(&all, T).await;
-        cluster.explain(r)?;
-        Ok(cluster)
-    }
-
-    /// Starts one more node (ready, not yet waited for by the others); its index.
-    async fn add_node(&mut self) -> Result<usize> {
-        let i = self.nodes.len();
-        let cfg = node_config(
-            &self.redis.url(),
-            &self.etcd.endpoint(),
-            &self.name,
+fn node_config(lease_ttl: u64) -> NodeConfig {
+    Box::new(move |redis_url, etcd, name, i| {
+        common::cluster::node_config(
+            redis_url,
+            &etcd_section(name, etcd, lease_ttl),
             i,
-            self.lease_ttl,
-        )?;
-        let env = self.env.clone();
-        let node = tokio::task::spawn_blocking(move || start_node(&cfg, &env)).await??;
-        self.nodes.push(node);
-        Ok(i)
-    }
-
-    fn node(&self, i: usize) -> Result<&RelayNode> {
-        self.nodes.get(i).with_context(|| format!("no node {i}"))
-    }
-
-    fn url(&self, i: usize) -> Result<String> {
-        Ok(self.node(i)?.http_url())
-    }
-
-    async fn view(&self, i: usize) -> Result<View> {
-        let url = format!("{}/cluster", self.node(i)?.admin_url());
-        let v: Value = self
-            .http
-            .get(&url)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        View::parse(&v).with_context(|| format!("GET {url}: {v}"))
-    }
-
-    async fn views(&self, nodes: &[usize]) -> Result<Vec<View>> {
-        let mut out = Vec::new();
-        for &i in nodes {
-            out.push(self.view(i).await?);
-        }
-        Ok(out)
-    }
-
-    /// Waits until each of `nodes` is ready and has exactly `nodes` as members, all at one
-    /// membership revision.
-    async fn wait_converged(&self, nodes: &[usize], timeout: Duration) -> Result<Vec<View>> {
-        let mut want: Vec<String> = nodes.iter().map(|&i| node_id(i)).collect();
-        want.sort();
-        let last = Mutex::new(String::new());
-        let r = test_support::wait_for(
-            &format!("{want:?} to agree on the membership"),
-            timeout,
-            || async {
-                match self.views(nodes).await {
-                    Ok(views) => {
-                        *lock(&last) = format!(
-                            "{:?}",
-                            views
-                                .iter()
-                                .map(|v| (&v.node_id, v.revision, v.ready, v.member_ids()))
-                                .collect::<Vec<_>>()
-                        );
-                        views
-                            .iter()
-                            .all(|v| {
-                                v.ready && v.member_ids() == want && v.revision == views[0].revision
-                            })
-                            .then_some(views)
-                    }
-                    Err(e) => {
-                        *lock(&last) = format!("{e:#}");
-                        None
-                    }
-                }
-            },
+            &[
+                ("response_timeout_ms = 500\n", ""),
+                (
+                    "[session]\nretry_base_ms = 20\nretry_max_ms = 200\nack_flush_ms = 10\n",
+                    "",
+                ),
+            ],
         )
-        .await;
-        r.with_context(|| format!("last seen: {}", lock(&last)))
-    }
+    })
+}
 
-    /// Pids of the running relay nodes.
-    fn relay_pids(&self) -> Vec<u32> {
-        self.nodes.iter().filter_map(RelayNode::pid).collect()
-    }
-
-    /// The sum of a counter over the running nodes' `/metrics`.
-    async fn metric_sum(&self, name: &str) -> Result<f64> {
-        let mut sum = 0.0;
-        for n in self.nodes.iter().filter(|n| n.is_running()) {
-            let text = self
-                .http
-                .get(format!("{}/metrics", n.admin_url()))
-                .send()
-                .await?
-                .error_for_status()?
-                .text()
-                .await?;
-            for line in text.lines() {
-                let Some(rest) = line.strip_prefix(name) else {
-                    continue;
-                };
-                if rest.starts_with(' ') || rest.starts_with('{') {
-                    sum += rest
-                        .rsplit(' ')
-                        .next()
-                        .and_then(|v| v.parse::<f64>().ok())
-                        .unwrap_or(0.0);
-                }
-            }
-        }
-        Ok(sum)
-    }
-
-    /// The last lines each node logged above INFO (and anything not JSON, like a panic).
-    fn log_tails(&self) -> String {
-        let mut out = String::new();
-        for (i, n) in self.nodes.iter().enumerate() {
-            let text = n.output().unwrap_or_default();
-            let lines: Vec<&str> = text
-                .lines()
-                .filter(|l| !l.contains(r#""level":"INFO""#) && !l.contains(r#""level":"DEBUG""#))
-                .collect();
-            out.push_str(&format!("--- {} ---\n", node_id(i)));
-            for l in &lines[lines.len().saturating_sub(15)..] {
-                out.push_str(l);
-                out.push('\n');
-            }
-        }
-        out
-    }
-
-    /// `r`, with the nodes' warnings attached when it is an error.
-    fn explain<T>(&self, r: Result<T>) -> Result<T> {
-        r.map_err(|e| e.context(format!("node logs:\n{}", self.log_tails())))
-    }
+/// Starts Redis, etcd and `n` nodes (with the `--node-env` overrides), and waits until all of
+/// them see all of them.
+async fn start_cluster(name: &str, n: usize, lease_ttl: u64, opts: &Opts) -> Result<Cluster> {
+    Cluster::start(name, n, node_config(lease_ttl), opts.node_env.clone(), T).await
 }
 
 /// The session of pair `p`: alice-p@a.example ↔ bob-p@b.example.
@@ -523,20 +267,9 @@ fn pair_session(p: usize) -> SessionId {
 /// The owning node (index) of each of pairs `0..pairs` over members `n1..n{members}`, by the
 /// cluster's own rendezvous hash.
 fn owners(pairs: usize, members: usize) -> Result<Vec<usize>> {
-    let map = ShardMap::new(
-        0,
-        (0..members)
-            .map(|i| Member::new(node_id(i), String::new()))
-            .collect(),
-    );
-    (0..pairs)
-        .map(|p| {
-            let owner = map.owner(&pair_session(p)).context("an empty shard map")?;
-            (0..members)
-                .find(|&i| node_id(i) == owner.node_id)
-                .context("the owner is no node")
-        })
-        .collect()
+    let nodes: Vec<usize> = (0..members).collect();
+    let sessions: Vec<SessionId> = (0..pairs).map(pair_session).collect();
+    owners_by_hash(&nodes, &sessions)
 }
 
 // === posting =======================================================================
@@ -641,24 +374,6 @@ async fn post_until_accepted(
             Answer::Retry(_) => tokio::time::sleep(RETRY_EVERY).await,
         }
     }
-}
-
-/// Message `idx` of pair `p` in run `run`: alice-p@a.example → bob-p@b.example, event id
-/// `<run>-p<p>-m<idx>`, text `<run> p<p> m<idx>`.
-fn message_body(run: &str, p: usize, idx: u64) -> Result<Vec<u8>> {
-    Ok(serde_json::to_vec(&common::message(
-        &format!("{run}-p{p}-m{idx}"),
-        &format!("alice-{p}"),
-        &format!("bob-{p}@b.example"),
-        &format!("{run} p{p} m{idx}"),
-    ))?)
-}
-
-/// `"<run> p<p> m<idx>"` → `(p, idx)`.
-fn parse_text(run: &str, text: &str) -> Option<(usize, u64)> {
-    let rest = text.strip_prefix(run)?.strip_prefix(" p")?;
-    let (p, m) = rest.split_once(" m")?;
-    Some((p.parse().ok()?, m.parse().ok()?))
 }
 
 // === reading b.example's stream ====================================================
@@ -775,29 +490,6 @@ async fn wait_streams(
     }
 }
 
-/// A stream entry id `<ms>-<n>` as a comparable pair.
-fn stream_id(s: &str) -> Option<(u64, u64)> {
-    let (a, b) = s.split_once('-')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
-}
-
-/// The id of the newest entry of a domain's outbox (`fr:o:{<domain>}`), read from Redis.
-async fn outbox_end(redis_url: &str, domain: &str) -> Result<Option<(u64, u64)>> {
-    let client = redis::Client::open(redis_url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let last: Vec<(String, Vec<String>)> = redis::cmd("XREVRANGE")
-        .arg(format!("fr:o:{{{domain}}}"))
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(&mut conn)
-        .await
-        .context("xrevrange")?;
-    Ok(last.first().and_then(|(id, _)| stream_id(id)))
-}
-
-/// Waits until every acknowledged message has been read (and the outbox's end reached).
 async fn drain(reader: &Reader, acks: &HashMap<(usize, u64), Ack>, redis_url: &str) -> Result<()> {
     let mut missing: HashSet<&str> = acks.values().map(|a| a.relay_msg_id.as_str()).collect();
     let total = missing.len();
@@ -831,7 +523,7 @@ struct Contract {
     mismatched: usize,
     unexpected: usize,
     seq_gaps: u64,
-    examples: Vec<String>,
+    examples: Examples,
 }
 
 impl Contract {
@@ -841,12 +533,6 @@ impl Contract {
             && self.mismatched == 0
             && self.unexpected == 0
             && self.seq_gaps == 0
-    }
-
-    fn example(&mut self, s: String) {
-        if self.examples.len() < 10 {
-            self.examples.push(s);
-        }
     }
 
     fn summary(&self) -> String {
@@ -861,6 +547,7 @@ impl Contract {
             self.unexpected,
             self.seq_gaps,
             self.examples
+                .0
                 .iter()
                 .map(|e| format!("\n  {e}"))
                 .collect::<String>()
@@ -891,14 +578,15 @@ fn check(run: &str, acks: &HashMap<(usize, u64), Ack>, seen: &[Seen]) -> Contrac
         c.delivered += 1;
         let Some((p, idx)) = e["text"].as_str().and_then(|t| parse_text(run, t)) else {
             c.unexpected += 1;
-            c.example(format!("unexpected event {}: {e}", s.id));
+            c.examples.add(format!("unexpected event {}: {e}", s.id));
             continue;
         };
         let n = copies.entry((p, idx)).or_default();
         *n += 1;
         if *n > 1 {
             c.duplicates += 1;
-            c.example(format!("p{p} m{idx} delivered {n} times, now as {e}"));
+            c.examples
+                .add(format!("p{p} m{idx} delivered {n} times, now as {e}"));
         }
         let session = e["session_id"].as_str().unwrap_or_default();
         let seq = e["seq"].as_u64().unwrap_or(0);
@@ -906,7 +594,8 @@ fn check(run: &str, acks: &HashMap<(usize, u64), Ack>, seen: &[Seen]) -> Contrac
         match acks.get(&(p, idx)) {
             None => {
                 c.unexpected += 1;
-                c.example(format!("p{p} m{idx} delivered but never acknowledged"));
+                c.examples
+                    .add(format!("p{p} m{idx} delivered but never acknowledged"));
             }
             Some(a) => {
                 if a.relay_msg_id != e["relay_msg_id"].as_str().unwrap_or_default()
@@ -916,7 +605,7 @@ fn check(run: &str, acks: &HashMap<(usize, u64), Ack>, seen: &[Seen]) -> Contrac
                     || e["to"] != format!("bob-{p}@b.example").as_str()
                 {
                     c.mismatched += 1;
-                    c.example(format!(
+                    c.examples.add(format!(
                         "p{p} m{idx} acked as ({}, {}, {}), delivered as {e}",
                         a.session_id, a.seq, a.relay_msg_id
                     ));
@@ -927,23 +616,39 @@ fn check(run: &str, acks: &HashMap<(usize, u64), Ack>, seen: &[Seen]) -> Contrac
     for (&(p, idx), a) in acks {
         if !copies.contains_key(&(p, idx)) {
             c.lost += 1;
-            c.example(format!(
+            c.examples.add(format!(
                 "p{p} m{idx} acked as seq {} never delivered",
                 a.seq
             ));
         }
     }
-    for (session, s) in &seqs {
-        let max = s.iter().copied().max().unwrap_or(0);
-        let gaps = max.saturating_sub(s.len() as u64);
-        if gaps > 0 {
-            c.seq_gaps += gaps;
-            c.example(format!(
-                "session {session}: {gaps} of seqs 1..={max} never delivered"
-            ));
-        }
+    for (session, gaps, max) in seq_gaps(&seqs) {
+        c.seq_gaps += gaps;
+        c.examples.add(format!(
+            "session {session}: {gaps} of seqs 1..={max} never delivered"
+        ));
     }
     c
+}
+
+/// Reads every acknowledged message of `run` (and the outbox to its end), stops the reader and
+/// checks the delivery contract; fails when it is broken.
+async fn read_and_check(
+    reader: Reader,
+    run: &str,
+    acks: &HashMap<(usize, u64), Ack>,
+    redis_url: &str,
+) -> Result<Contract> {
+    drain(&reader, acks, redis_url).await?;
+    let seen = reader.stop().await?;
+    let contract = check(run, acks, &seen);
+    note!("cluster bench: {run}: contract: {}", contract.summary());
+    ensure!(
+        contract.holds(),
+        "delivery contract broken: {}",
+        contract.summary()
+    );
+    Ok(contract)
 }
 
 // === cpu (and join): relay CPU per message, 1 node vs 3 ===========================
@@ -1092,7 +797,7 @@ async fn cpu_round(
     join: bool,
 ) -> Result<(CpuRun, Option<JoinRun>)> {
     let name = format!("cpu-{nodes}n-r{round}");
-    let mut cl = Cluster::start(&name, nodes, LEASE_TTL, opts).await?;
+    let mut cl = start_cluster(&name, nodes, LEASE_TTL, opts).await?;
     let r = cpu_round_on(opts, &mut cl, round, &name, join).await;
     cl.explain(r)
 }
@@ -1172,15 +877,7 @@ async fn cpu_round_on(
         None
     };
 
-    drain(&reader, &acks, &cl.redis.url()).await?;
-    let seen = reader.stop().await?;
-    let contract = check(run, &acks, &seen);
-    note!("cluster bench: {run}: contract: {}", contract.summary());
-    ensure!(
-        contract.holds(),
-        "delivery contract broken: {}",
-        contract.summary()
-    );
+    let contract = read_and_check(reader, run, &acks, &cl.redis.url()).await?;
 
     let window_secs = (b.at - a.at).as_secs_f64();
     let per_msg =
@@ -1320,7 +1017,7 @@ struct PresenceRun {
 }
 
 async fn presence(opts: &Opts) -> Result<PresenceRun> {
-    let cl = Cluster::start("presence", 3, LEASE_TTL, opts).await?;
+    let cl = start_cluster("presence", 3, LEASE_TTL, opts).await?;
     let r = presence_on(opts, &cl).await;
     cl.explain(r)
 }
@@ -1501,7 +1198,7 @@ struct FailoverRun {
 }
 
 async fn failover(opts: &Opts) -> Result<FailoverRun> {
-    let mut cl = Cluster::start("failover", 3, FAILOVER_LEASE_TTL, opts).await?;
+    let mut cl = start_cluster("failover", 3, FAILOVER_LEASE_TTL, opts).await?;
     let r = failover_on(opts, &mut cl).await;
     cl.explain(r)
 }
@@ -1597,15 +1294,7 @@ async fn failover_on(opts: &Opts, cl: &mut Cluster) -> Result<FailoverRun> {
         t.await??;
     }
     let acks = std::mem::take(&mut *lock(&sh.acks));
-    drain(&reader, &acks, &cl.redis.url()).await?;
-    let seen = reader.stop().await?;
-    let contract = check(run, &acks, &seen);
-    note!("cluster bench: failover: contract: {}", contract.summary());
-    ensure!(
-        contract.holds(),
-        "delivery contract broken: {}",
-        contract.summary()
-    );
+    let contract = read_and_check(reader, run, &acks, &cl.redis.url()).await?;
     Ok(FailoverRun {
         pairs,
         orphaned: orphans.len(),

@@ -17,8 +17,11 @@
 mod common;
 
 use anyhow::{Context, Result, bail, ensure};
-use cluster::{Member, ShardMap};
-use common::{SECRET_A, SECRET_B, Stream, config, message, now_secs, signed_request};
+use common::cluster::{
+    Cluster, Examples, NodeConfig, View, etcd_section, lock, message_body, node_id, outbox_end,
+    owners_by_hash, parse_text, seq_gaps, stream_id, view_at, wait_seen,
+};
+use common::{SECRET_A, SECRET_B, Stream, now_secs, signed_request};
 use relay_node::edges::http::sign;
 use serde_json::Value;
 use session_actor::SessionId;
@@ -26,9 +29,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use test_support::{EtcdServer, FaultProxy, ProxyMode, RedisServer, RelayNode};
+use test_support::{FaultProxy, ProxyMode, RelayNode};
 use tokio::task::JoinHandle;
 
 /// The lease TTL the nodes register with.
@@ -49,9 +52,6 @@ const STALL: Duration = Duration::from_millis(1500);
 const T: Duration = Duration::from_secs(20);
 /// The drain deadline the nodes are configured with (`[shutdown] drain_timeout_secs`).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Webhook URL of domain c.example, which these tests never send to.
-const UNUSED_WEBHOOK: &str = "http://127.0.0.1:9/hook";
-
 /// The tests share two cores with three relay nodes, Redis and etcd each: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -62,183 +62,44 @@ macro_rules! note {
     }};
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
 // === the cluster =================================================================
 
-fn node_id(i: usize) -> String {
-    format!("n{}", i + 1)
+/// The config of each node: the HTTP-edge test config plus an etcd `[cluster]` section. The
+/// nodes in `behind_proxy` advertise `{PROXY_PORT}`, where the test puts a [`FaultProxy`] to
+/// their gRPC port.
+fn node_config(behind_proxy: Vec<usize>) -> NodeConfig {
+    Box::new(move |redis_url, etcd, name, i| {
+        let advertise = if behind_proxy.contains(&i) {
+            "127.0.0.1:{PROXY_PORT}"
+        } else {
+            "127.0.0.1:{GRPC_PORT}"
+        };
+        let extra = format!(
+            "{}grpc_advertise = \"{advertise}\"\n[shutdown]\ndrain_timeout_secs = {}\n",
+            etcd_section(name, etcd, LEASE_TTL.as_secs()),
+            DRAIN_TIMEOUT.as_secs()
+        );
+        common::cluster::node_config(redis_url, &extra, i, &[])
+    })
 }
 
-/// The config of node `i`: the HTTP-edge test config plus an etcd `[cluster]` section. With
-/// `behind_proxy` the node advertises `{PROXY_PORT}`, where the test puts a [`FaultProxy`]
-/// to its gRPC port.
-fn node_config(
-    redis_url: &str,
-    etcd: &str,
-    name: &str,
-    i: usize,
-    behind_proxy: bool,
-) -> Result<String> {
-    let advertise = if behind_proxy {
-        "127.0.0.1:{PROXY_PORT}"
-    } else {
-        "127.0.0.1:{GRPC_PORT}"
-    };
-    let extra = format!(
-        r#"[cluster]
-membership = "etcd"
-name = "{name}"
-etcd_endpoints = ["{etcd}"]
-lease_ttl_secs = {ttl}
-grpc_listen = "127.0.0.1:{{GRPC_PORT}}"
-grpc_advertise = "{advertise}"
-[shutdown]
-drain_timeout_secs = {drain}
-"#,
-        ttl = LEASE_TTL.as_secs(),
-        drain = DRAIN_TIMEOUT.as_secs()
-    );
-    let base = config(redis_url, UNUSED_WEBHOOK, &extra);
-    let line = r#"node_id = "test-1""#;
-    ensure!(base.contains(line), "the test config no longer sets {line}");
-    Ok(base.replace(line, &format!(r#"node_id = "{}""#, node_id(i))))
-}
-
-/// One member's entry in `GET /cluster`.
-#[derive(Debug, Clone)]
-struct MemberView {
-    node_id: String,
-    sessions_active: u64,
-}
-
-/// A node's `GET /cluster`.
-#[derive(Debug, Clone)]
-struct View {
-    node_id: String,
-    revision: i64,
-    ready: bool,
-    members: Vec<MemberView>,
-    handoffs_in_flight: Option<u64>,
-}
-
-impl View {
-    fn parse(v: &Value) -> Result<Self> {
-        let members = v["members"]
-            .as_array()
-            .context("no members")?
-            .iter()
-            .map(|m| {
-                Ok(MemberView {
-                    node_id: m["node_id"].as_str().context("member node_id")?.to_string(),
-                    sessions_active: m["sessions_active"].as_u64().unwrap_or(0),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            node_id: v["node_id"].as_str().context("node_id")?.to_string(),
-            revision: v["revision"].as_i64().context("revision")?,
-            ready: v["ready"].as_bool().unwrap_or(false),
-            members,
-            handoffs_in_flight: v["handoffs_in_flight"].as_u64(),
-        })
-    }
-
-    fn member_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.members.iter().map(|m| m.node_id.clone()).collect();
-        ids.sort();
-        ids
-    }
-
-    /// What the node says about its own sessions.
-    fn own_sessions(&self) -> Option<u64> {
-        self.members
-            .iter()
-            .find(|m| m.node_id == self.node_id)
-            .map(|m| m.sessions_active)
-    }
-}
-
-/// Redis, etcd and the relay nodes of one test. Node `i` is `n{i+1}`; a killed node keeps its
-/// slot (and its log).
-struct Cluster {
-    name: String,
-    redis: RedisServer,
-    etcd: EtcdServer,
-    nodes: Vec<RelayNode>,
-    http: reqwest::Client,
+/// Waits for the other tests to finish (they share two cores), then starts Redis, etcd and
+/// three nodes (those in `behind_proxy` advertise their proxy port) and waits until every
+/// node sees all of them.
+async fn start_serial(
+    test: &str,
+    behind_proxy: &[usize],
+) -> Result<(tokio::sync::MutexGuard<'static, ()>, Cluster)> {
+    let serial = SERIAL.lock().await;
+    let cl = Cluster::start(test, 3, node_config(behind_proxy.to_vec()), Vec::new(), T).await?;
+    Ok((serial, cl))
 }
 
 impl Cluster {
-    /// Starts Redis, etcd and `n` nodes (those in `behind_proxy` advertise their proxy port),
-    /// and waits until every node sees all of them.
-    async fn start(name: &str, n: usize, behind_proxy: &[usize]) -> Result<Self> {
-        let redis = RedisServer::start()?;
-        let etcd = EtcdServer::start()?;
-        let mut starts = Vec::new();
-        for i in 0..n {
-            let cfg = node_config(
-                &redis.url(),
-                &etcd.endpoint(),
-                name,
-                i,
-                behind_proxy.contains(&i),
-            )?;
-            starts.push(tokio::task::spawn_blocking(move || RelayNode::start(&cfg)));
-        }
-        let mut nodes = Vec::new();
-        for (i, s) in starts.into_iter().enumerate() {
-            nodes.push(
-                s.await?
-                    .with_context(|| format!("starting {}", node_id(i)))?,
-            );
-        }
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let cluster = Self {
-            name: name.to_string(),
-            redis,
-            etcd,
-            nodes,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(2))
-                .build()?,
-        };
-        let all: Vec<usize> = (0..n).collect();
-        cluster.wait_converged(&all, T).await?;
-        Ok(cluster)
-    }
-
-    /// Starts one more node and returns its index (it is not waited for beyond `/readyz`).
-    async fn add_node(&mut self) -> Result<usize> {
-        let i = self.nodes.len();
-        let cfg = node_config(
-            &self.redis.url(),
-            &self.etcd.endpoint(),
-            &self.name,
-            i,
-            false,
-        )?;
-        let node = tokio::task::spawn_blocking(move || RelayNode::start(&cfg)).await??;
-        self.nodes.push(node);
-        Ok(i)
-    }
-
-    fn node(&self, i: usize) -> Result<&RelayNode> {
-        self.nodes.get(i).with_context(|| format!("no node {i}"))
-    }
-
-    fn node_mut(&mut self, i: usize) -> Result<&mut RelayNode> {
-        self.nodes
-            .get_mut(i)
-            .with_context(|| format!("no node {i}"))
-    }
-
     /// Every node as a load-balancer target.
     fn targets(&self) -> Targets {
         let t = Targets::default();
@@ -248,118 +109,26 @@ impl Cluster {
         t
     }
 
-    async fn view(&self, i: usize) -> Result<View> {
-        view_at(&self.http, &self.node(i)?.admin_url()).await
-    }
-
-    async fn views(&self, nodes: &[usize]) -> Result<Vec<View>> {
-        let mut out = Vec::new();
-        for &i in nodes {
-            out.push(self.view(i).await?);
-        }
-        Ok(out)
-    }
-
-    /// Waits until each of `nodes` is ready and sees exactly `nodes` as members, all at the
-    /// same membership revision; returns their views.
-    async fn wait_converged(&self, nodes: &[usize], timeout: Duration) -> Result<Vec<View>> {
-        let mut want: Vec<String> = nodes.iter().map(|&i| node_id(i)).collect();
-        want.sort();
-        let last = Mutex::new(String::new());
-        let res = test_support::wait_for(
-            &format!("{want:?} to agree on the membership"),
-            timeout,
-            || async {
-                match self.views(nodes).await {
-                    Ok(views) => {
-                        *lock(&last) = views
-                            .iter()
-                            .map(|v| {
-                                format!(
-                                    "{}: revision {}, ready {}, members {:?}",
-                                    v.node_id,
-                                    v.revision,
-                                    v.ready,
-                                    v.member_ids()
-                                )
-                            })
-                            .collect::<Vec<_>>()
-                            .join("; ");
-                        let agree = views.iter().all(|v| {
-                            v.ready && v.member_ids() == want && v.revision == views[0].revision
-                        });
-                        agree.then_some(views)
-                    }
-                    Err(e) => {
-                        *lock(&last) = format!("{e:#}");
-                        None
-                    }
-                }
-            },
-        )
-        .await;
-        res.with_context(|| format!("last seen: {}", lock(&last)))
-    }
-
     /// The owner of each pair's session by the cluster's own rendezvous hash, for a member
     /// set of `nodes`.
     fn owners(&self, sessions: &BTreeMap<usize, String>, nodes: &[usize]) -> Result<Owners> {
-        let map = ShardMap::new(
-            0,
-            nodes
-                .iter()
-                .map(|&i| Member::new(node_id(i), String::new()))
-                .collect(),
-        );
-        let mut out = BTreeMap::new();
-        for (&pair, hex) in sessions {
-            let id = SessionId::from_hex(hex).with_context(|| format!("session id {hex}"))?;
-            let owner = map.owner(&id).context("an empty shard map")?;
-            let i = nodes
-                .iter()
-                .copied()
-                .find(|&i| node_id(i) == owner.node_id)
-                .context("owner is no node")?;
-            out.insert(pair, i);
-        }
-        Ok(Owners(out))
+        let ids = sessions
+            .values()
+            .map(|hex| SessionId::from_hex(hex).with_context(|| format!("session id {hex}")))
+            .collect::<Result<Vec<_>>>()?;
+        let owners = owners_by_hash(nodes, &ids)?;
+        Ok(Owners(sessions.keys().copied().zip(owners).collect()))
     }
 
-    /// The last lines each node logged above INFO (and anything not JSON, like a panic).
-    fn log_tails(&self) -> String {
-        let mut out = String::new();
-        for (i, n) in self.nodes.iter().enumerate() {
-            let text = n.output().unwrap_or_default();
-            let lines: Vec<&str> = text
-                .lines()
-                .filter(|l| !l.contains(r#""level":"INFO""#) && !l.contains(r#""level":"DEBUG""#))
-                .collect();
-            out.push_str(&format!("--- {} ---\n", node_id(i)));
-            for l in &lines[lines.len().saturating_sub(15)..] {
-                out.push_str(l);
-                out.push('\n');
-            }
-        }
-        out
+    /// The pairs whose sessions node `node` of n1..n3 owns, as `load` named them; fails when
+    /// it owns none.
+    fn pairs_owned_by(&self, load: &Load, node: usize) -> Result<HashSet<usize>> {
+        let pairs = self
+            .owners(&sessions(&load.acks()), &[0, 1, 2])?
+            .pairs_of(node);
+        ensure!(!pairs.is_empty(), "{} owns no session", node_id(node));
+        Ok(pairs)
     }
-
-    /// `r`, with the nodes' warnings attached when it is an error.
-    fn explain<T>(&self, r: Result<T>) -> Result<T> {
-        r.map_err(|e| e.context(format!("node logs:\n{}", self.log_tails())))
-    }
-}
-
-/// `GET /cluster` of the node whose admin listener is `admin_url`.
-async fn view_at(http: &reqwest::Client, admin_url: &str) -> Result<View> {
-    let url = format!("{admin_url}/cluster");
-    let v: Value = http
-        .get(&url)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    View::parse(&v).with_context(|| format!("GET {url}: {v}"))
 }
 
 /// Pair → index of the node owning its session.
@@ -429,6 +198,17 @@ enum Outcome {
     Status(u16),
     /// Connection refused or reset, timeout, unreadable answer.
     Failed,
+}
+
+impl Outcome {
+    /// `accepted`, the status, or `conn/timeout`.
+    fn label(self) -> String {
+        match self {
+            Outcome::Accepted => "accepted".to_string(),
+            Outcome::Status(s) => s.to_string(),
+            Outcome::Failed => "conn/timeout".to_string(),
+        }
+    }
 }
 
 /// One POST.
@@ -531,6 +311,12 @@ impl Load {
         }
     }
 
+    /// Waits until every pair has `n` acknowledgements after `t`.
+    async fn wait_all(&mut self, what: &str, t: Instant, n: usize) -> Result<()> {
+        self.wait(what, T, |a| all_acked_after(a, &all_pairs(), t, n))
+            .await
+    }
+
     /// Stops sending (each sender finishes the message it has in hand) and returns what
     /// happened.
     async fn stop(self) -> Result<History> {
@@ -560,13 +346,7 @@ async fn pair_task(sh: Arc<LoadShared>, pair: usize) -> Result<()> {
 
 async fn send_until_accepted(sh: &LoadShared, pair: usize, idx: u64) -> Result<Ack> {
     let event_id = format!("{}-p{pair}-m{idx}", sh.run);
-    let event = message(
-        &event_id,
-        &format!("alice-{pair}"),
-        &format!("bob-{pair}@b.example"),
-        &format!("{} p{pair} m{idx}", sh.run),
-    );
-    let body = serde_json::to_vec(&event)?;
+    let body = message_body(&sh.run, pair, idx)?;
     let first_sent = Instant::now();
     let deadline = first_sent + SEND_DEADLINE;
     let mut backoff = Duration::from_millis(20);
@@ -824,28 +604,6 @@ async fn read_stream(
     }
 }
 
-/// A stream entry id `<ms>-<n>` as a comparable pair.
-fn stream_id(s: &str) -> Option<(u64, u64)> {
-    let (a, b) = s.split_once('-')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
-}
-
-/// The id of the newest entry of a domain's outbox (`fr:o:{<domain>}`), read from Redis.
-async fn outbox_end(redis_url: &str, domain: &str) -> Result<Option<(u64, u64)>> {
-    let client = redis::Client::open(redis_url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let last: Vec<(String, Vec<String>)> = redis::cmd("XREVRANGE")
-        .arg(format!("fr:o:{{{domain}}}"))
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(&mut conn)
-        .await
-        .context("xrevrange")?;
-    Ok(last.first().and_then(|(id, _)| stream_id(id)))
-}
-
 // === the contract ================================================================
 
 #[derive(Debug, Default)]
@@ -861,7 +619,7 @@ struct Contract {
     delivered_unacked: usize,
     foreign: usize,
     stream_gaps: usize,
-    examples: Vec<String>,
+    examples: Examples,
 }
 
 impl Contract {
@@ -875,12 +633,6 @@ impl Contract {
             && self.delivered_unacked == 0
             && self.foreign == 0
             && self.stream_gaps == 0
-    }
-
-    fn example(&mut self, s: String) {
-        if self.examples.len() < 10 {
-            self.examples.push(s);
-        }
     }
 }
 
@@ -902,18 +654,11 @@ impl fmt::Display for Contract {
             self.foreign,
             self.stream_gaps
         )?;
-        for e in &self.examples {
+        for e in &self.examples.0 {
             write!(f, "\n  {e}")?;
         }
         Ok(())
     }
-}
-
-/// `"<run> p<pair> m<idx>"` → `(pair, idx)`.
-fn parse_text(run: &str, text: &str) -> Option<(usize, u64)> {
-    let rest = text.strip_prefix(run)?.strip_prefix(" p")?;
-    let (p, m) = rest.split_once(" m")?;
-    Some((p.parse().ok()?, m.parse().ok()?))
 }
 
 fn check(run: &str, acks: &[Ack], delivered: &[Delivered]) -> Contract {
@@ -931,12 +676,12 @@ fn check(run: &str, acks: &[Ack], delivered: &[Delivered]) -> Contract {
         let e = &d.data;
         if e["type"] == "gap" {
             c.stream_gaps += 1;
-            c.example(format!("stream gap at {}: {e}", d.sse_id));
+            c.examples.add(format!("stream gap at {}: {e}", d.sse_id));
             continue;
         }
         let Some((pair, idx)) = e["text"].as_str().and_then(|t| parse_text(run, t)) else {
             c.foreign += 1;
-            c.example(format!(
+            c.examples.add(format!(
                 "foreign event {} (via {}): {e}",
                 d.sse_id,
                 node_id(d.node)
@@ -950,18 +695,20 @@ fn check(run: &str, acks: &[Ack], delivered: &[Delivered]) -> Contract {
             || e["from"] != format!("alice-{pair}@a.example").as_str()
         {
             c.misrouted += 1;
-            c.example(format!("misrouted: {e}"));
+            c.examples.add(format!("misrouted: {e}"));
         }
         let n = copies.entry((pair, idx)).or_default();
         *n += 1;
         if *n > 1 {
             c.duplicates += 1;
-            c.example(format!("p{pair} m{idx} delivered {n} times, now as {e}"));
+            c.examples
+                .add(format!("p{pair} m{idx} delivered {n} times, now as {e}"));
         }
         match acked.get(&(pair, idx)) {
             None => {
                 c.delivered_unacked += 1;
-                c.example(format!("p{pair} m{idx} delivered but never acknowledged"));
+                c.examples
+                    .add(format!("p{pair} m{idx} delivered but never acknowledged"));
             }
             Some(a) => {
                 if a.relay_msg_id != e["relay_msg_id"].as_str().unwrap_or_default()
@@ -969,7 +716,7 @@ fn check(run: &str, acks: &[Ack], delivered: &[Delivered]) -> Contract {
                     || a.seq != seq
                 {
                     c.id_mismatches += 1;
-                    c.example(format!(
+                    c.examples.add(format!(
                         "p{pair} m{idx} acked as ({}, {}, {}), delivered as {e}",
                         a.session_id, a.seq, a.relay_msg_id
                     ));
@@ -980,14 +727,15 @@ fn check(run: &str, acks: &[Ack], delivered: &[Delivered]) -> Contract {
             && seq <= prev
         {
             c.order_violations += 1;
-            c.example(format!("session {session}: seq {seq} after {prev}"));
+            c.examples
+                .add(format!("session {session}: seq {seq} after {prev}"));
         }
         last_seq.insert(session, seq);
         if let Some(&prev) = last_idx.get(&pair)
             && idx <= prev
         {
             c.order_violations += 1;
-            c.example(format!("pair {pair}: m{idx} after m{prev}"));
+            c.examples.add(format!("pair {pair}: m{idx} after m{prev}"));
         }
         last_idx.insert(pair, idx);
         seqs.entry(session).or_default().insert(seq);
@@ -995,7 +743,7 @@ fn check(run: &str, acks: &[Ack], delivered: &[Delivered]) -> Contract {
     for a in acks {
         if !copies.contains_key(&(a.pair, a.idx)) {
             c.lost += 1;
-            c.example(format!(
+            c.examples.add(format!(
                 "p{} m{} acked as seq {} (entered at {}) never delivered",
                 a.pair,
                 a.idx,
@@ -1005,15 +753,11 @@ fn check(run: &str, acks: &[Ack], delivered: &[Delivered]) -> Contract {
         }
     }
     // A fresh Redis: every session's seqs are 1..=max, each journaled message delivered.
-    for (session, s) in &seqs {
-        let max = s.iter().copied().max().unwrap_or(0);
-        let gaps = max.saturating_sub(s.len() as u64);
-        if gaps > 0 {
-            c.seq_gaps += gaps;
-            c.example(format!(
-                "session {session}: {gaps} seqs of 1..={max} never delivered"
-            ));
-        }
+    for (session, gaps, max) in seq_gaps(&seqs) {
+        c.seq_gaps += gaps;
+        c.examples.add(format!(
+            "session {session}: {gaps} seqs of 1..={max} never delivered"
+        ));
     }
     c
 }
@@ -1039,10 +783,8 @@ async fn finish(
         .unwrap_or_default();
     let mut refused: BTreeMap<String, usize> = BTreeMap::new();
     for a in &history.attempts {
-        match a.outcome {
-            Outcome::Accepted => {}
-            Outcome::Status(s) => *refused.entry(s.to_string()).or_default() += 1,
-            Outcome::Failed => *refused.entry("conn/timeout".into()).or_default() += 1,
+        if a.outcome != Outcome::Accepted {
+            *refused.entry(a.outcome.label()).or_default() += 1;
         }
     }
     note!(
@@ -1057,27 +799,86 @@ async fn finish(
     Ok((history, contract))
 }
 
+// === test scaffolding ============================================================
+
+/// A running load over every node of a cluster, and b.example's reader.
+struct Loaded {
+    targets: Targets,
+    load: Load,
+    reader: Reader,
+    /// When the load started.
+    t0: Instant,
+}
+
+/// Starts the load over every node of `cl` and the reader (at node `read_at` first), and
+/// waits until every pair has `n` messages acknowledged.
+async fn start_load(test: &str, cl: &Cluster, read_at: usize, n: usize) -> Result<Loaded> {
+    let targets = cl.targets();
+    let reader = Reader::start(targets.clone(), read_at)?;
+    let mut load = Load::start(test, targets.clone())?;
+    let t0 = Instant::now();
+    let what = match n {
+        2 => "two messages per pair",
+        3 => "three messages per pair",
+        _ => "messages for every pair",
+    };
+    load.wait_all(what, t0, n).await?;
+    Ok(Loaded {
+        targets,
+        load,
+        reader,
+        t0,
+    })
+}
+
+/// Once every pair has two more messages acknowledged, [`finish`]es the run.
+async fn finish_after_two_more(
+    test: &str,
+    cl: &Cluster,
+    mut load: Load,
+    reader: Reader,
+) -> Result<()> {
+    load.wait_all("two more messages per pair", Instant::now(), 2)
+        .await?;
+    finish(test, cl, load, reader).await?;
+    Ok(())
+}
+
+/// How long after `t` the last of `pairs` had its first acknowledgement after `t`.
+fn all_accepting_after(acks: &[Ack], pairs: &HashSet<usize>, t: Instant) -> Duration {
+    pairs
+        .iter()
+        .filter_map(|p| {
+            acks.iter()
+                .filter(|a| a.pair == *p && a.acked_at > t)
+                .map(|a| a.acked_at - t)
+                .min()
+        })
+        .max()
+        .unwrap_or_default()
+}
+
+/// Per node of `nodes`, as many sessions as `owners` gives it.
+fn want_hosted(owners: &Owners, nodes: &[usize]) -> Vec<Option<u64>> {
+    nodes
+        .iter()
+        .map(|&i| Some(owners.count(i) as u64))
+        .collect()
+}
+
 // === the tests ===================================================================
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_enter_at_every_node_for_sessions_owned_by_every_node() -> Result<()> {
-    let _serial = SERIAL.lock().await;
     let test = "every-node";
-    let cl = Cluster::start(test, 3, &[]).await?;
+    let (_serial, cl) = start_serial(test, &[]).await?;
     let r = every_node(test, &cl).await;
     cl.explain(r)
 }
 
 async fn every_node(test: &str, cl: &Cluster) -> Result<()> {
     let all = [0, 1, 2];
-    let targets = cl.targets();
-    let reader = Reader::start(targets.clone(), 0)?;
-    let mut load = Load::start(test, targets)?;
-    let t0 = Instant::now();
-    load.wait("three messages per pair", T, |a| {
-        all_acked_after(a, &all_pairs(), t0, 3)
-    })
-    .await?;
+    let Loaded { load, reader, .. } = start_load(test, cl, 0, 3).await?;
 
     // Messages entered at every node for sessions owned by every node.
     let owners = cl.owners(&sessions(&load.acks()), &all)?;
@@ -1102,21 +903,10 @@ async fn every_node(test: &str, cl: &Cluster) -> Result<()> {
         }
     }
     // And every node hosts exactly the sessions the rendezvous hash gives it.
-    let want: Vec<Option<u64>> = all.iter().map(|&i| Some(owners.count(i) as u64)).collect();
-    let last = Mutex::new(Vec::new());
-    let res = test_support::wait_for("every node to host its sessions", T, || async {
-        let views = cl.views(&all).await.ok()?;
-        let counts: Vec<Option<u64>> = views.iter().map(View::own_sessions).collect();
-        *lock(&last) = counts.clone();
-        (counts == want).then_some(counts)
-    })
-    .await;
-    let counts = res.with_context(|| {
-        format!(
-            "sessions_active per node: want {want:?}, last seen {:?}",
-            lock(&last)
-        )
-    })?;
+    let views = cl
+        .wait_hosting(&all, &want_hosted(&owners, &all), T)
+        .await?;
+    let counts: Vec<Option<u64>> = views.iter().map(View::own_sessions).collect();
     note!("cluster/{test}: sessions_active per node {counts:?}");
     finish(test, cl, load, reader).await?;
     Ok(())
@@ -1124,26 +914,21 @@ async fn every_node(test: &str, cl: &Cluster) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_node_under_load_fails_its_sessions_over_within_the_lease() -> Result<()> {
-    let _serial = SERIAL.lock().await;
     let test = "kill-9";
-    let mut cl = Cluster::start(test, 3, &[]).await?;
+    let (_serial, mut cl) = start_serial(test, &[]).await?;
     let r = kill_9(test, &mut cl).await;
     cl.explain(r)
 }
 
 async fn kill_9(test: &str, cl: &mut Cluster) -> Result<()> {
     let victim = 1;
-    let targets = cl.targets();
-    let reader = Reader::start(targets.clone(), victim)?;
-    let mut load = Load::start(test, targets.clone())?;
-    let t0 = Instant::now();
-    load.wait("two messages per pair", T, |a| {
-        all_acked_after(a, &all_pairs(), t0, 2)
-    })
-    .await?;
-    let owners = cl.owners(&sessions(&load.acks()), &[0, 1, 2])?;
-    let orphans = owners.pairs_of(victim);
-    ensure!(!orphans.is_empty(), "{} owns no session", node_id(victim));
+    let Loaded {
+        targets,
+        mut load,
+        reader,
+        ..
+    } = start_load(test, cl, victim, 2).await?;
+    let orphans = cl.pairs_owned_by(&load, victim)?;
 
     let killed_at = Instant::now();
     let node = cl.node_mut(victim)?;
@@ -1156,16 +941,7 @@ async fn kill_9(test: &str, cl: &mut Cluster) -> Result<()> {
     })
     .await?;
     let acks = load.acks();
-    let failover = orphans
-        .iter()
-        .filter_map(|p| {
-            acks.iter()
-                .filter(|a| a.pair == *p && a.acked_at > killed_at)
-                .map(|a| a.acked_at - killed_at)
-                .min()
-        })
-        .max()
-        .unwrap_or_default();
+    let failover = all_accepting_after(&acks, &orphans, killed_at);
     let survivors: HashSet<usize> = all_pairs().difference(&orphans).copied().collect();
     note!(
         "cluster/{test}: {} of {PAIRS} sessions were on {}; failover (kill → every one of them \
@@ -1192,33 +968,24 @@ async fn kill_9(test: &str, cl: &mut Cluster) -> Result<()> {
         "cluster/{test}: survivors agree at revision {}",
         views[0].revision
     );
-    let after = Instant::now();
-    load.wait("two more messages per pair", T, |a| {
-        all_acked_after(a, &all_pairs(), after, 2)
-    })
-    .await?;
-    finish(test, cl, load, reader).await?;
-    Ok(())
+    finish_after_two_more(test, cl, load, reader).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fourth_node_joins_under_load_and_takes_about_a_quarter_of_the_sessions() -> Result<()> {
-    let _serial = SERIAL.lock().await;
     let test = "join";
-    let mut cl = Cluster::start(test, 3, &[]).await?;
+    let (_serial, mut cl) = start_serial(test, &[]).await?;
     let r = join(test, &mut cl).await;
     cl.explain(r)
 }
 
 async fn join(test: &str, cl: &mut Cluster) -> Result<()> {
-    let targets = cl.targets();
-    let reader = Reader::start(targets.clone(), 0)?;
-    let mut load = Load::start(test, targets.clone())?;
-    let t0 = Instant::now();
-    load.wait("two messages per pair", T, |a| {
-        all_acked_after(a, &all_pairs(), t0, 2)
-    })
-    .await?;
+    let Loaded {
+        targets,
+        mut load,
+        reader,
+        ..
+    } = start_load(test, cl, 0, 2).await?;
 
     let joining = Instant::now();
     let new = cl.add_node().await?;
@@ -1255,29 +1022,26 @@ async fn join(test: &str, cl: &mut Cluster) -> Result<()> {
     );
 
     // The moved sessions serve from their new owner, which says it hosts them.
-    let joined = Instant::now();
-    load.wait("two messages per pair after the join", T, |a| {
-        all_acked_after(a, &all_pairs(), joined, 2)
-    })
-    .await?;
-    let last = Mutex::new(None);
-    let res = test_support::wait_for(
+    load.wait_all("two messages per pair after the join", Instant::now(), 2)
+        .await?;
+    let res = wait_seen(
         "the new node to host the moved sessions and handoffs to end",
         T,
         || async {
-            let views = cl.views(&[0, 1, 2, new]).await.ok()?;
+            let Ok(views) = cl.views(&[0, 1, 2, new]).await else {
+                return (None, "no views".to_string());
+            };
             let hosted = views.last().and_then(View::own_sessions);
             let handoffs: Vec<Option<u64>> = views.iter().map(|v| v.handoffs_in_flight).collect();
-            *lock(&last) = Some((hosted, handoffs.clone()));
-            (hosted == Some(moved.len() as u64) && handoffs.iter().all(|h| *h == Some(0)))
-                .then_some(hosted)
+            let seen = format!("{:?}", Some((hosted, handoffs.clone())));
+            let done = hosted == Some(moved.len() as u64) && handoffs.iter().all(|h| *h == Some(0));
+            (done.then_some(hosted), seen)
         },
     )
     .await;
     let hosted = res.with_context(|| {
         format!(
-            "(sessions on the new node, handoffs per node) last seen: {:?}; {} moved",
-            lock(&last),
+            "(sessions on the new node, handoffs per node); {} moved",
             moved.len()
         )
     })?;
@@ -1288,9 +1052,8 @@ async fn join(test: &str, cl: &mut Cluster) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_of_an_owner_past_its_lease_appends_and_delivers_nothing_twice() -> Result<()> {
-    let _serial = SERIAL.lock().await;
     let test = "sigstop";
-    let cl = Cluster::start(test, 3, &[]).await?;
+    let (_serial, cl) = start_serial(test, &[]).await?;
     let r = sigstop(test, &cl).await;
     // Whatever happened, resume the node (its log then shows what it did after the pause).
     if let Ok(n) = cl.node(1) {
@@ -1302,21 +1065,13 @@ async fn sigstop_of_an_owner_past_its_lease_appends_and_delivers_nothing_twice()
 async fn sigstop(test: &str, cl: &Cluster) -> Result<()> {
     let victim = 1;
     let stop_for = LEASE_TTL * 2;
-    let targets = cl.targets();
-    let reader = Reader::start(targets.clone(), victim)?;
-    let mut load = Load::start(test, targets.clone())?;
-    let t0 = Instant::now();
-    load.wait("two messages per pair", T, |a| {
-        all_acked_after(a, &all_pairs(), t0, 2)
-    })
-    .await?;
-    let owners = cl.owners(&sessions(&load.acks()), &[0, 1, 2])?;
-    let frozen_pairs = owners.pairs_of(victim);
-    ensure!(
-        !frozen_pairs.is_empty(),
-        "{} owns no session",
-        node_id(victim)
-    );
+    let Loaded {
+        targets,
+        mut load,
+        reader,
+        ..
+    } = start_load(test, cl, victim, 2).await?;
+    let frozen_pairs = cl.pairs_owned_by(&load, victim)?;
 
     let node = cl.node(victim)?;
     let stopped_at = Instant::now();
@@ -1327,17 +1082,7 @@ async fn sigstop(test: &str, cl: &Cluster) -> Result<()> {
         all_acked_after(a, &frozen_pairs, stopped_at, 1)
     })
     .await?;
-    let acks = load.acks();
-    let takeover = frozen_pairs
-        .iter()
-        .filter_map(|p| {
-            acks.iter()
-                .filter(|a| a.pair == *p && a.acked_at > stopped_at)
-                .map(|a| a.acked_at - stopped_at)
-                .min()
-        })
-        .max()
-        .unwrap_or_default();
+    let takeover = all_accepting_after(&load.acks(), &frozen_pairs, stopped_at);
     // The fault's length is the test's parameter: keep the node frozen until then.
     tokio::time::sleep_until((stopped_at + stop_for).into()).await;
     tokio::task::block_in_place(|| node.sigcont())?;
@@ -1359,20 +1104,13 @@ async fn sigstop(test: &str, cl: &Cluster) -> Result<()> {
         views[0].revision,
         secs(resumed_at.elapsed())
     );
-    let after = Instant::now();
-    load.wait("two more messages per pair", T, |a| {
-        all_acked_after(a, &all_pairs(), after, 2)
-    })
-    .await?;
-    finish(test, cl, load, reader).await?;
-    Ok(())
+    finish_after_two_more(test, cl, load, reader).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_down_for_ten_seconds_keeps_messages_flowing_and_views_converge() -> Result<()> {
-    let _serial = SERIAL.lock().await;
     let test = "etcd-outage";
-    let mut cl = Cluster::start(test, 3, &[]).await?;
+    let (_serial, mut cl) = start_serial(test, &[]).await?;
     let r = etcd_outage(test, &mut cl).await;
     cl.explain(r)
 }
@@ -1380,14 +1118,9 @@ async fn etcd_down_for_ten_seconds_keeps_messages_flowing_and_views_converge() -
 async fn etcd_outage(test: &str, cl: &mut Cluster) -> Result<()> {
     let outage = Duration::from_secs(10);
     let all = [0, 1, 2];
-    let targets = cl.targets();
-    let reader = Reader::start(targets.clone(), 0)?;
-    let mut load = Load::start(test, targets)?;
-    let t0 = Instant::now();
-    load.wait("three messages per pair", T, |a| {
-        all_acked_after(a, &all_pairs(), t0, 3)
-    })
-    .await?;
+    let Loaded {
+        load, reader, t0, ..
+    } = start_load(test, cl, 0, 3).await?;
     let before_views = cl.views(&all).await?;
 
     let down_at = Instant::now();
@@ -1440,23 +1173,16 @@ async fn etcd_outage(test: &str, cl: &mut Cluster) -> Result<()> {
         before_views[0].revision,
         views[0].revision
     );
-    let after = Instant::now();
-    load.wait("two more messages per pair", T, |a| {
-        all_acked_after(a, &all_pairs(), after, 2)
-    })
-    .await?;
-    finish(test, cl, load, reader).await?;
-    Ok(())
+    finish_after_two_more(test, cl, load, reader).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_on_grpc_gets_retryable_refusals_and_loses_nothing() -> Result<()> {
-    let _serial = SERIAL.lock().await;
     let test = "grpc-partition";
     let isolated = 2;
     // Until the proxy is up, nothing reaches the isolated node's gRPC port; membership (all
     // that starting waits for) goes through etcd only.
-    let cl = Cluster::start(test, 3, &[isolated]).await?;
+    let (_serial, cl) = start_serial(test, &[isolated]).await?;
     let node = cl.node(isolated)?;
     let proxy = FaultProxy::start(
         node.proxy_port,
@@ -1472,17 +1198,10 @@ async fn grpc_partition(
     proxy: &FaultProxy,
     isolated: usize,
 ) -> Result<()> {
-    let targets = cl.targets();
-    let reader = Reader::start(targets.clone(), 0)?;
-    let mut load = Load::start(test, targets)?;
-    let t0 = Instant::now();
-    load.wait("two messages per pair", T, |a| {
-        all_acked_after(a, &all_pairs(), t0, 2)
-    })
-    .await?;
-    let owners = cl.owners(&sessions(&load.acks()), &[0, 1, 2])?;
-    let cut_off = owners.pairs_of(isolated);
-    ensure!(!cut_off.is_empty(), "{} owns no session", node_id(isolated));
+    let Loaded {
+        mut load, reader, ..
+    } = start_load(test, cl, 0, 2).await?;
+    let cut_off = cl.pairs_owned_by(&load, isolated)?;
 
     let mut phases = Vec::new();
     for (mode, hold) in [
@@ -1506,12 +1225,7 @@ async fn grpc_partition(
         for a in attempts.iter().filter(|a| {
             a.at >= *from && a.at < *to && a.node != isolated && cut_off.contains(&a.pair)
         }) {
-            let k = match a.outcome {
-                Outcome::Accepted => "accepted".to_string(),
-                Outcome::Status(s) => s.to_string(),
-                Outcome::Failed => "conn/timeout".to_string(),
-            };
-            *by.entry(k).or_default() += 1;
+            *by.entry(a.outcome.label()).or_default() += 1;
         }
         let local = acks
             .iter()
@@ -1531,21 +1245,9 @@ async fn grpc_partition(
     }
 
     // After healing, the retries go through and every session moves on.
-    load.wait("two messages per pair after healing", T, |a| {
-        all_acked_after(a, &all_pairs(), healed, 2)
-    })
-    .await?;
-    let acks = load.acks();
-    let recovered = cut_off
-        .iter()
-        .filter_map(|p| {
-            acks.iter()
-                .filter(|a| a.pair == *p && a.acked_at > healed)
-                .map(|a| a.acked_at - healed)
-                .min()
-        })
-        .max()
-        .unwrap_or_default();
+    load.wait_all("two messages per pair after healing", healed, 2)
+        .await?;
+    let recovered = all_accepting_after(&load.acks(), &cut_off, healed);
     note!(
         "cluster/{test}: {} sessions on {}; all accepting again {:.2} s after healing; proxy \
          accepted {} connections, refused {}",
@@ -1686,33 +1388,27 @@ async fn members_become(
     want: &[String],
     from: Instant,
 ) -> Result<Duration> {
-    let last = Mutex::new(String::new());
-    let res = test_support::wait_for(
+    wait_seen(
         &format!("{admin_url}/cluster to list exactly {want:?}"),
         T,
         || async {
             match view_at(http, admin_url).await {
                 Ok(v) => {
                     let ids = v.member_ids();
-                    *lock(&last) = format!("{ids:?} at revision {}", v.revision);
-                    (ids == want).then(|| from.elapsed())
+                    let seen = format!("{ids:?} at revision {}", v.revision);
+                    ((ids == want).then(|| from.elapsed()), seen)
                 }
-                Err(e) => {
-                    *lock(&last) = format!("{e:#}");
-                    None
-                }
+                Err(e) => (None, format!("{e:#}")),
             }
         },
     )
-    .await;
-    res.with_context(|| format!("last seen: {}", lock(&last)))
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_a_node_under_load_leaving_etcd_first_and_losing_nothing() -> Result<()> {
-    let _serial = SERIAL.lock().await;
     let test = "drain";
-    let mut cl = Cluster::start(test, 3, &[]).await?;
+    let (_serial, mut cl) = start_serial(test, &[]).await?;
     let r = drain(test, &mut cl).await;
     cl.explain(r)
 }
@@ -1720,18 +1416,14 @@ async fn sigterm_drains_a_node_under_load_leaving_etcd_first_and_losing_nothing(
 async fn drain(test: &str, cl: &mut Cluster) -> Result<()> {
     let victim = 1;
     let survivors = [0, 2];
-    let targets = cl.targets();
     // The reader starts on the node that drains: its stream ends, and it resumes elsewhere.
-    let reader = Reader::start(targets.clone(), victim)?;
-    let mut load = Load::start(test, targets.clone())?;
-    let t0 = Instant::now();
-    load.wait("two messages per pair", T, |a| {
-        all_acked_after(a, &all_pairs(), t0, 2)
-    })
-    .await?;
-    let owners = cl.owners(&sessions(&load.acks()), &[0, 1, 2])?;
-    let moving = owners.pairs_of(victim);
-    ensure!(!moving.is_empty(), "{} owns no session", node_id(victim));
+    let Loaded {
+        targets,
+        mut load,
+        reader,
+        ..
+    } = start_load(test, cl, victim, 2).await?;
+    let moving = cl.pairs_owned_by(&load, victim)?;
     let staying: HashSet<usize> = all_pairs().difference(&moving).copied().collect();
 
     let victim_admin = cl.node(victim)?.admin_port;
@@ -1758,12 +1450,7 @@ async fn drain(test: &str, cl: &mut Cluster) -> Result<()> {
         .min_by_key(|a| (a.pair, a.idx))
         .context("no acknowledgement of a moving session")?;
     let (pair, idx) = (retried.pair, retried.idx);
-    let body = serde_json::to_vec(&message(
-        &format!("{test}-p{pair}-m{idx}"),
-        &format!("alice-{pair}"),
-        &format!("bob-{pair}@b.example"),
-        &format!("{test} p{pair} m{idx}"),
-    ))?;
+    let body = message_body(test, pair, idx)?;
     let held = HeldPost::open(cl.node(victim)?.http_port, body).await?;
     // Longer than the drain deadline, so that a slow drain is measured rather than cut short.
     let limit = DRAIN_TIMEOUT + Duration::from_secs(5);
@@ -1824,11 +1511,7 @@ async fn drain(test: &str, cl: &mut Cluster) -> Result<()> {
         .filter(|a| a.at >= sigterm_at && a.at <= exited_at)
     {
         posts += 1;
-        let what = match a.outcome {
-            Outcome::Accepted => "accepted".to_string(),
-            Outcome::Status(s) => s.to_string(),
-            Outcome::Failed => "conn/timeout".to_string(),
-        };
+        let what = a.outcome.label();
         let at = if a.node == victim {
             "draining node"
         } else {
@@ -1924,11 +1607,8 @@ async fn drain(test: &str, cl: &mut Cluster) -> Result<()> {
     }
 
     let views = cl.wait_converged(&survivors, T).await?;
-    let after = Instant::now();
-    load.wait("two more messages per pair", T, |a| {
-        all_acked_after(a, &all_pairs(), after, 2)
-    })
-    .await?;
+    load.wait_all("two more messages per pair", Instant::now(), 2)
+        .await?;
     let acks = load.acks();
     let gap_moved = longest_ack_gap(&acks, &moving, sigterm_at);
     let gap_staying = longest_ack_gap(&acks, &staying, sigterm_at);
@@ -1973,9 +1653,8 @@ async fn relay_node_cli(args: &[&str]) -> Result<(std::process::ExitStatus, Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_status_lists_every_member_from_any_nodes_admin_listener() -> Result<()> {
-    let _serial = SERIAL.lock().await;
     let test = "status";
-    let cl = Cluster::start(test, 3, &[]).await?;
+    let (_serial, cl) = start_serial(test, &[]).await?;
     let r = status_command(test, &cl).await;
     cl.explain(r)
 }
@@ -1984,28 +1663,13 @@ async fn status_command(test: &str, cl: &Cluster) -> Result<()> {
     let all = [0, 1, 2];
     // Sessions on every node, so that the counts mean something.
     let mut load = Load::start(test, cl.targets())?;
-    let t0 = Instant::now();
-    load.wait("a message per pair", T, |a| {
-        all_acked_after(a, &all_pairs(), t0, 1)
-    })
-    .await?;
+    load.wait_all("a message per pair", Instant::now(), 1)
+        .await?;
     let history = load.stop().await?;
     let owners = cl.owners(&sessions(&history.acks), &all)?;
-    let want: Vec<Option<u64>> = all.iter().map(|&i| Some(owners.count(i) as u64)).collect();
-    let last = Mutex::new(Vec::new());
-    let res = test_support::wait_for("every node to host its sessions", T, || async {
-        let views = cl.views(&all).await.ok()?;
-        let counts: Vec<Option<u64>> = views.iter().map(View::own_sessions).collect();
-        *lock(&last) = counts.clone();
-        (counts == want).then_some(views)
-    })
-    .await;
-    let views = res.with_context(|| {
-        format!(
-            "sessions_active per node: want {want:?}, last seen {:?}",
-            lock(&last)
-        )
-    })?;
+    let views = cl
+        .wait_hosting(&all, &want_hosted(&owners, &all), T)
+        .await?;
     let revision = views[0].revision;
     let grpc = |i: usize| -> Result<String> { Ok(format!("127.0.0.1:{}", cl.node(i)?.grpc_port)) };
 

@@ -2,6 +2,8 @@
 //! a webhook sink that checks the relay's signatures.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use anyhow::{Context, Result, bail};
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
