@@ -215,9 +215,8 @@ pub async fn run(
                 Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
-    }
-    // Sessions finish what they owe, within the deadline; the rest waits in the store.
-    if !clustered {
+    } else {
+        // Sessions finish what they owe, within the deadline; the rest waits in the store.
         loop {
             match supervisor.drain().await {
                 Ok(0) => break,

@@ -242,16 +242,20 @@ impl RelayNode {
         }
     }
 
-    fn try_start(config: &str, env: &[(&str, &str)]) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let mut node = Self {
+    /// A node not started yet, with fresh ports and a directory of its own.
+    fn unstarted() -> Result<Self> {
+        Ok(Self {
             child: None,
             http_port: free_port()?,
             admin_port: free_port()?,
             grpc_port: free_port()?,
             proxy_port: free_port()?,
-            dir,
-        };
+            dir: tempfile::tempdir()?,
+        })
+    }
+
+    fn try_start(config: &str, env: &[(&str, &str)]) -> Result<Self> {
+        let mut node = Self::unstarted()?;
         let text = config
             .replace("{HTTP_PORT}", &node.http_port.to_string())
             .replace("{ADMIN_PORT}", &node.admin_port.to_string())
@@ -264,14 +268,7 @@ impl RelayNode {
 
     /// Starts `relay-node --dev` (the embedded default), moved to free ports.
     pub fn start_dev() -> Result<Self> {
-        let mut node = Self {
-            child: None,
-            http_port: free_port()?,
-            admin_port: free_port()?,
-            grpc_port: free_port()?,
-            proxy_port: free_port()?,
-            dir: tempfile::tempdir()?,
-        };
+        let mut node = Self::unstarted()?;
         let http = format!("127.0.0.1:{}", node.http_port);
         let admin = format!("127.0.0.1:{}", node.admin_port);
         node.spawn(
@@ -449,20 +446,5 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 
 /// The status of a plain `GET` on 127.0.0.1, or `None` when nothing answers.
 pub fn http_get_status(port: u16, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut s = TcpStream::connect_timeout(
-        &SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_millis(200),
-    )
-    .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = [0u8; 64];
-    let n = s.read(&mut buf).ok()?;
-    let head = std::str::from_utf8(&buf[..n]).ok()?;
-    head.split_whitespace().nth(1)?.parse().ok()
+    http_get(port, path).map(|(status, _)| status)
 }
