@@ -50,6 +50,9 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     #[serde(default)]
     pub cluster: ClusterConfig,
+    /// The Teams edge (the bot); needed when a domain has `platform = "teams"`.
+    #[serde(default)]
+    pub teams: Option<TeamsConfig>,
     #[serde(default)]
     pub domains: Vec<DomainConfig>,
     #[serde(default)]
@@ -256,12 +259,22 @@ pub struct RuntimeConfig {
 #[serde(rename_all = "lowercase")]
 pub enum Platform {
     Http,
+    Teams,
 }
 
 impl Platform {
     pub fn as_str(self) -> &'static str {
         match self {
             Platform::Http => "http",
+            Platform::Teams => "teams",
+        }
+    }
+
+    /// How people are shown the platform.
+    pub fn label(self) -> &'static str {
+        match self {
+            Platform::Http => "HTTP",
+            Platform::Teams => "Teams",
         }
     }
 }
@@ -288,10 +301,159 @@ pub struct DomainConfig {
     #[serde(default = "default_delivery")]
     pub delivery: Delivery,
     pub webhook_url: Option<String>,
+    /// Teams domains: the Microsoft Entra tenant whose users this domain's addresses name.
+    pub tenant_id: Option<String>,
 }
 
 fn default_delivery() -> Delivery {
     Delivery::Stream
+}
+
+/// The Teams edge: the bot's registration, where Microsoft's keys and tokens come from, and
+/// where the relay may call the Bot Connector.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeamsConfig {
+    /// The bot's Microsoft App ID: the audience of inbound tokens and the client id of
+    /// outbound ones.
+    pub app_id: String,
+    /// The bot's client secret, or (better) a file holding it.
+    pub app_password: Option<String>,
+    pub app_password_file: Option<PathBuf>,
+    /// The tenant the bot is registered in (single-tenant bots, as new bots must be).
+    pub app_tenant_id: String,
+    /// Bot Connector OpenID metadata (public cloud by default).
+    #[serde(default = "default_openid_metadata_url")]
+    pub openid_metadata_url: String,
+    /// Issuer of the Bot Connector's tokens.
+    #[serde(default = "default_bot_issuer")]
+    pub issuer: String,
+    /// OAuth2 token endpoint; default
+    /// `https://login.microsoftonline.com/<app_tenant_id>/oauth2/v2.0/token`.
+    #[serde(default)]
+    pub token_url: Option<String>,
+    #[serde(default = "default_bot_scope")]
+    pub token_scope: String,
+    /// The relay calls a conversation's `serviceUrl` only when it starts with one of these
+    /// (and only the latest one an authenticated activity of that conversation carried).
+    #[serde(default = "default_service_url_prefixes")]
+    pub service_url_prefixes: Vec<String>,
+    /// Allowed clock difference for inbound tokens.
+    #[serde(default = "default_clock_skew")]
+    pub clock_skew_secs: u64,
+    /// Refresh the signing keys this often, and on an unknown key id at most once per
+    /// `jwks_min_refetch_secs`.
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_secs: u64,
+    #[serde(default = "default_jwks_min_refetch")]
+    pub jwks_min_refetch_secs: u64,
+    /// Largest activity accepted.
+    #[serde(default = "default_teams_body")]
+    pub max_body_bytes: usize,
+    /// Timeout of one Bot Connector or token call.
+    #[serde(default = "default_teams_timeout")]
+    pub request_timeout_ms: u64,
+    /// The bot's name as Teams users see it (in help texts).
+    #[serde(default = "default_bot_name")]
+    pub bot_name: String,
+}
+
+fn default_openid_metadata_url() -> String {
+    "https://login.botframework.com/v1/.well-known/openidconfiguration".into()
+}
+fn default_bot_issuer() -> String {
+    "https://api.botframework.com".into()
+}
+fn default_bot_scope() -> String {
+    "https://api.botframework.com/.default".into()
+}
+fn default_service_url_prefixes() -> Vec<String> {
+    vec![
+        "https://smba.trafficmanager.net/".into(),
+        "https://smba.infra.gcc.teams.microsoft.com/".into(),
+        "https://smba.infra.gov.teams.microsoft.us/".into(),
+        "https://smba.infra.dod.teams.microsoft.us/".into(),
+    ]
+}
+fn default_clock_skew() -> u64 {
+    300
+}
+fn default_jwks_refresh() -> u64 {
+    86_400
+}
+fn default_jwks_min_refetch() -> u64 {
+    300
+}
+fn default_teams_body() -> usize {
+    256 * 1024
+}
+fn default_teams_timeout() -> u64 {
+    10_000
+}
+fn default_bot_name() -> String {
+    "fedrelay".into()
+}
+
+impl TeamsConfig {
+    pub fn token_url(&self) -> String {
+        self.token_url.clone().unwrap_or_else(|| {
+            format!(
+                "https://login.microsoftonline.com/{}/oauth2/v2.0/token",
+                self.app_tenant_id
+            )
+        })
+    }
+
+    /// The client secret, from the config or its file.
+    pub fn password(&self) -> Result<String, ConfigError> {
+        match (&self.app_password, &self.app_password_file) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(path)) => {
+                let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Ok(raw.trim_end().to_string())
+            }
+            (None, None) => Err(ConfigError::Invalid(
+                "teams: `app_password` or `app_password_file` is required".into(),
+            )),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(format!("teams: {m}")));
+        if self.app_id.trim().is_empty() || self.app_tenant_id.trim().is_empty() {
+            return bad("`app_id` and `app_tenant_id` are required".into());
+        }
+        if self.app_password.is_some() == self.app_password_file.is_some() {
+            return bad("give `app_password` or `app_password_file` (one of them)".into());
+        }
+        for (name, url) in [
+            ("openid_metadata_url", self.openid_metadata_url.as_str()),
+            ("token_url", self.token_url().as_str()),
+        ] {
+            if !https_or_loopback(url) {
+                return bad(format!(
+                    "`{name}` must be https://, or http:// to a loopback address"
+                ));
+            }
+        }
+        if self.service_url_prefixes.is_empty() {
+            return bad("`service_url_prefixes` must not be empty".into());
+        }
+        for p in &self.service_url_prefixes {
+            if !https_or_loopback(p) || !p.ends_with('/') {
+                return bad(format!(
+                    "service URL prefix `{p}` must be https:// (or http:// to a loopback address) and end with `/`"
+                ));
+            }
+        }
+        if self.max_body_bytes == 0 || self.request_timeout_ms == 0 {
+            return bad("sizes and timeouts must be positive".into());
+        }
+        Ok(())
+    }
 }
 
 /// Two domains whose users may talk to each other (both directions).
@@ -442,6 +604,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         let mut names = HashSet::new();
+        let mut tenants = HashSet::new();
+        if let Some(t) = &self.teams {
+            t.validate()?;
+        }
         for d in &self.domains {
             let name = d.name.to_ascii_lowercase();
             if !valid_domain(&name) {
@@ -449,6 +615,43 @@ impl Config {
             }
             if !names.insert(name) {
                 return bad(format!("domain `{}` is declared twice", d.name));
+            }
+            if d.platform == Platform::Teams {
+                if d.secret.is_some() || d.secret_file.is_some() || d.webhook_url.is_some() {
+                    return bad(format!(
+                        "domain `{}`: a Teams domain has no `secret` or `webhook_url`; the bot's credentials are in [teams]",
+                        d.name
+                    ));
+                }
+                match d.tenant_id.as_deref().map(str::trim) {
+                    Some(t) if !t.is_empty() => {
+                        if !tenants.insert(t.to_ascii_lowercase()) {
+                            return bad(format!(
+                                "domain `{}`: tenant {t} is bound to another domain already",
+                                d.name
+                            ));
+                        }
+                    }
+                    _ => {
+                        return bad(format!(
+                            "domain `{}`: a Teams domain needs `tenant_id`",
+                            d.name
+                        ));
+                    }
+                }
+                if self.teams.is_none() {
+                    return bad(format!(
+                        "domain `{}` is on Teams, but there is no [teams] section",
+                        d.name
+                    ));
+                }
+                continue;
+            }
+            if d.tenant_id.is_some() {
+                return bad(format!(
+                    "domain `{}`: `tenant_id` is only for Teams domains",
+                    d.name
+                ));
             }
             match (&d.secret, &d.secret_file) {
                 (Some(_), Some(_)) => {
@@ -568,6 +771,7 @@ impl Config {
     pub fn secrets(&self) -> Result<HashMap<String, Vec<u8>>, ConfigError> {
         self.domains
             .iter()
+            .filter(|d| d.platform == Platform::Http)
             .map(|d| {
                 let s = match (&d.secret, &d.secret_file) {
                     (Some(s), _) => s.clone().into_bytes(),
@@ -626,26 +830,33 @@ fn valid_domain(d: &str) -> bool {
 
 /// Webhooks go out over HTTPS; plain HTTP only to this machine (local sinks, tests).
 fn check_webhook_url(domain: &str, url: &str) -> Result<(), ConfigError> {
-    let bad = || {
-        ConfigError::Invalid(format!(
+    if https_or_loopback(url) {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!(
             "domain `{domain}`: webhook_url must be https://, or http:// to a loopback address"
-        ))
-    };
-    if url.starts_with("https://") {
-        return Ok(());
+        )))
     }
-    let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+}
+
+/// `https://…`, or `http://` to a loopback address (local sinks, tests).
+pub fn https_or_loopback(url: &str) -> bool {
+    if url.starts_with("https://") {
+        return true;
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
     let host = rest.split(['/', '?']).next().unwrap_or("");
     let host = match host.rsplit_once(':') {
         Some((h, port)) if port.bytes().all(|c| c.is_ascii_digit()) => h,
         _ => host,
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let loopback = host == "localhost"
+    host == "localhost"
         || host
             .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if loopback { Ok(()) } else { Err(bad()) }
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Applies `FEDRELAY_A__B=v` as `a.b = v`.
@@ -789,6 +1000,78 @@ between = ["a.example", "b.example"]
         ] {
             match load(extra) {
                 Err(ConfigError::Invalid(m)) => assert!(m.contains(why), "{m}"),
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+    }
+
+    const TEAMS: &str =
+        "[teams]\napp_id = \"app\"\napp_password = \"pw\"\napp_tenant_id = \"t0\"\n";
+    const TEAMS_DOMAIN: &str =
+        "[[domains]]\nname = \"contoso.com\"\nplatform = \"teams\"\ntenant_id = \"t1\"\n";
+
+    #[test]
+    fn teams_config_loads_with_safe_defaults() -> Result<(), ConfigError> {
+        let c = load(&format!("{TEAMS}{TEAMS_DOMAIN}"))?;
+        let t = c
+            .teams
+            .as_ref()
+            .ok_or(ConfigError::Invalid("no teams".into()))?;
+        assert_eq!(t.issuer, "https://api.botframework.com");
+        assert_eq!(
+            t.token_url(),
+            "https://login.microsoftonline.com/t0/oauth2/v2.0/token"
+        );
+        assert_eq!(t.clock_skew_secs, 300);
+        assert!(
+            t.service_url_prefixes
+                .iter()
+                .all(|p| p.starts_with("https://"))
+        );
+        // A Teams domain has no secret, and `secrets()` does not ask for one.
+        assert!(!c.secrets()?.contains_key("contoso.com"));
+        Ok(())
+    }
+
+    #[test]
+    fn invalid_teams_configs_are_refused() {
+        for (extra, why) in [
+            (TEAMS_DOMAIN.to_string(), "no [teams] section"),
+            (
+                format!("{TEAMS}[[domains]]\nname = \"contoso.com\"\nplatform = \"teams\"\n"),
+                "needs `tenant_id`",
+            ),
+            (
+                format!(
+                    "{TEAMS}{TEAMS_DOMAIN}[[domains]]\nname = \"x.com\"\nplatform = \"teams\"\ntenant_id = \"T1\"\n"
+                ),
+                "bound to another domain",
+            ),
+            (
+                format!(
+                    "{TEAMS}[[domains]]\nname = \"c.com\"\nplatform = \"teams\"\ntenant_id = \"t\"\nsecret = \"0123456789abcdef\"\n"
+                ),
+                "has no `secret`",
+            ),
+            (
+                "[teams]\napp_id = \"a\"\napp_tenant_id = \"t\"\n".to_string(),
+                "`app_password` or `app_password_file`",
+            ),
+            (
+                format!("{TEAMS}openid_metadata_url = \"http://login.example/meta\"\n"),
+                "loopback",
+            ),
+            (
+                format!("{TEAMS}service_url_prefixes = [\"https://smba.trafficmanager.net\"]\n"),
+                "end with `/`",
+            ),
+            (
+                format!("{TEAMS}service_url_prefixes = []\n"),
+                "must not be empty",
+            ),
+        ] {
+            match load(&extra) {
+                Err(ConfigError::Invalid(m)) => assert!(m.contains(why), "{why}: {m}"),
                 other => panic!("{why}: {other:?}"),
             }
         }

@@ -14,4 +14,5 @@ pub mod control;
 pub mod edges;
 pub mod node;
 pub mod serve;
+pub mod teams_manifest;
 pub mod telemetry;

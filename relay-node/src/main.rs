@@ -2,8 +2,9 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use relay_node::config::Config;
+use relay_node::teams_manifest::{self, ManifestOptions};
 use relay_node::{admin, node, telemetry};
 use std::path::PathBuf;
 
@@ -34,6 +35,65 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Microsoft Teams tools.
+    Teams {
+        #[command(subcommand)]
+        command: TeamsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TeamsCommand {
+    /// Write the Teams app package (manifest.json and two icons in a zip) that a Teams admin
+    /// uploads to make the relay's bot available.
+    Manifest(Box<TeamsManifestArgs>),
+}
+
+#[derive(Args)]
+struct TeamsManifestArgs {
+    /// The bot's Microsoft App ID (a GUID), as registered in Azure Bot Service / Entra ID.
+    #[arg(long)]
+    app_id: String,
+    /// Where to write the zip.
+    #[arg(long)]
+    out: PathBuf,
+    /// The app's short name, as users see it in Teams (at most 30 characters).
+    #[arg(long, default_value = teams_manifest::DEFAULT_NAME)]
+    name: String,
+    /// The app's full name (at most 100 characters) [default: "<name> federation relay"].
+    #[arg(long)]
+    full_name: Option<String>,
+    /// The package version, MAJOR.MINOR.PATCH; raise it for Teams to offer an update.
+    #[arg(long, default_value = teams_manifest::DEFAULT_VERSION)]
+    version: String,
+    /// The developer name shown in the Teams store listing.
+    #[arg(long, default_value = teams_manifest::DEFAULT_DEVELOPER_NAME)]
+    developer_name: String,
+    /// The developer's website (https://).
+    #[arg(long, default_value = teams_manifest::DEFAULT_WEBSITE_URL)]
+    website_url: String,
+    /// The privacy statement (https://).
+    #[arg(long, default_value = teams_manifest::DEFAULT_PRIVACY_URL)]
+    privacy_url: String,
+    /// The terms of use (https://).
+    #[arg(long, default_value = teams_manifest::DEFAULT_TERMS_URL)]
+    terms_url: String,
+    /// The relay's public host name (no scheme or path; *.example.com allowed). Repeatable.
+    #[arg(long = "valid-domain", value_name = "HOST")]
+    valid_domains: Vec<String>,
+    /// The accent colour, #RRGGBB; also the colour icon's background.
+    #[arg(long, default_value = teams_manifest::DEFAULT_ACCENT_COLOR)]
+    accent_color: String,
+    /// The manifest's packageName, a reverse-domain identifier (optional).
+    #[arg(long)]
+    package_name: Option<String>,
+    /// The Teams app id when it must differ from the bot's app id (a GUID).
+    #[arg(long)]
+    manifest_id: Option<String>,
+    /// Ask team owners for ChannelMessage.Read.Group (resource-specific consent), so the bot
+    /// receives every channel message, not only those that @mention it.
+    #[arg(long)]
+    channel_messages: bool,
 }
 
 #[derive(Subcommand)]
@@ -61,6 +121,12 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Teams {
+        command: TeamsCommand::Manifest(args),
+    }) = cli.command
+    {
+        return teams_manifest_command(*args);
+    }
     if let Some(Command::Cluster {
         command: ClusterCommand::Status { admin, json },
     }) = cli.command
@@ -70,6 +136,9 @@ fn run() -> anyhow::Result<()> {
     if let Some(Command::CheckConfig { file }) = cli.command {
         let cfg = Config::load(&file, std::env::vars())?;
         cfg.secrets()?;
+        if let Some(t) = &cfg.teams {
+            t.password()?;
+        }
         println!(
             "{}: ok ({} domains, {} federation rules)",
             file.display(),
@@ -151,6 +220,33 @@ fn cluster_status(admin: &str, json: bool) -> anyhow::Result<()> {
             m["grpc_addr"].as_str().unwrap_or(""),
         );
     }
+    Ok(())
+}
+
+/// `relay-node teams manifest`: validates everything, then writes the package.
+fn teams_manifest_command(args: TeamsManifestArgs) -> anyhow::Result<()> {
+    let options = ManifestOptions {
+        app_id: args.app_id,
+        manifest_id: args.manifest_id,
+        short_name: args.name,
+        full_name: args.full_name,
+        version: args.version,
+        developer_name: args.developer_name,
+        website_url: args.website_url,
+        privacy_url: args.privacy_url,
+        terms_url: args.terms_url,
+        valid_domains: args.valid_domains,
+        accent_color: args.accent_color,
+        package_name: args.package_name,
+        channel_messages: args.channel_messages,
+    };
+    let zip = teams_manifest::package(&options).context("making the Teams app package")?;
+    std::fs::write(&args.out, zip).with_context(|| format!("writing {}", args.out.display()))?;
+    println!(
+        "{}: Teams app package for app id {}",
+        args.out.display(),
+        options.app_id
+    );
     Ok(())
 }
 

@@ -14,6 +14,8 @@ use crate::admin::{self, AdminState};
 use crate::config::{ClusterConfig, Config, MembershipKind, StoreBackend};
 use crate::control::metadata::MetadataLog;
 use crate::control::policy::Policy;
+use crate::edges::teams::state::{MemoryKv, RedisKv, TeamsState};
+use crate::edges::teams::{self, TeamsEdge};
 use crate::edges::{Edges, http};
 use crate::serve;
 use anyhow::Context;
@@ -48,6 +50,7 @@ pub async fn run(
         metadata,
         metadata_task,
         presence: presence_store,
+        teams_kv,
     } = open_stores(&cfg)?;
     let metadata_sink: Arc<dyn MetadataSink> = Arc::new(metadata.clone());
 
@@ -55,7 +58,17 @@ pub async fn run(
     let http_out = Arc::new(
         http::HttpOutbound::new(&domains, outbox.clone(), &cfg.http).context("webhook client")?,
     );
-    let edges: Arc<Edges> = Arc::new(Edges { http: http_out });
+    let policy = Arc::new(Policy::from_config(&cfg));
+    let teams = TeamsEdge::from_config(
+        &cfg,
+        TeamsState::new(teams_kv, &cfg.store.key_prefix),
+        policy.clone(),
+        metadata_sink.clone(),
+    )?;
+    let edges: Arc<Edges> = Arc::new(Edges {
+        http: http_out,
+        teams: teams.clone(),
+    });
     let deps = SessionDeps {
         store: store.clone(),
         outbound: edges.clone(),
@@ -126,10 +139,13 @@ pub async fn run(
     )
     .await?;
     let router = cluster.router.clone();
+    if let Some(t) = &teams {
+        t.set_ingress(router.clone());
+    }
 
     let inbound = Arc::new(http::Inbound {
         domains,
-        policy: Arc::new(Policy::from_config(&cfg)),
+        policy,
         ingress: router,
         outbox,
         metadata: metadata_sink,
@@ -157,7 +173,10 @@ pub async fn run(
     let http_server = tokio::spawn(serve::serve(
         http_listener,
         tls.clone(),
-        http::router(inbound),
+        match &teams {
+            Some(t) => http::router(inbound).merge(teams::router(t.clone())),
+            None => http::router(inbound),
+        },
         stop_rx.clone(),
     ));
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
@@ -171,6 +190,7 @@ pub async fn run(
         node_id = %node_id,
         http = %http_addr,
         tls = tls.is_some(),
+        teams = teams.is_some(),
         admin = %admin_addr,
         grpc = %grpc_addr,
         membership = ?cfg.cluster.membership,
@@ -287,6 +307,7 @@ struct Stores {
     metadata: MetadataLog,
     metadata_task: tokio::task::JoinHandle<()>,
     presence: Arc<dyn PresenceStore>,
+    teams_kv: Box<dyn teams::state::Kv>,
 }
 
 fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
@@ -299,6 +320,7 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
                 metadata: log,
                 metadata_task: task,
                 presence: Arc::new(MemoryPresenceStore::default()),
+                teams_kv: Box::<MemoryKv>::default(),
             }
         }
         StoreBackend::Redis => {
@@ -314,12 +336,14 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
             let outbox =
                 RedisOutbox::new(&rcfg, cfg.http.stream_retention).context("redis outbox")?;
             let presence = RedisPresenceStore::new(store.connection(), &cfg.store.key_prefix);
+            let teams_kv = Box::new(RedisKv::new(store.connection()));
             Stores {
                 store: Arc::new(store),
                 outbox: Arc::new(outbox),
                 metadata: log,
                 metadata_task: task,
                 presence: Arc::new(presence),
+                teams_kv,
             }
         }
     })

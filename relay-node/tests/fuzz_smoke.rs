@@ -1,11 +1,15 @@
-//! The fuzz target's code under a quick deterministic mutation run, so every test run
-//! exercises the parser with hostile input (the coverage-guided run is `cargo fuzz`; see
+//! The fuzz targets' code under a quick deterministic mutation run, so every test run
+//! exercises the parsers with hostile input (the coverage-guided run is `cargo fuzz`; see
 //! docs/fuzzing.md). A panic fails the test.
 
 use relay_node::edges::http::codec::fuzz_event;
+use relay_node::edges::teams::{html, inbound::fuzz_activity};
 
-fn seeds() -> Vec<Vec<u8>> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/http_event");
+/// The seed corpus of a fuzz target (`fuzz/corpus/<target>`), sorted.
+fn seeds(target: &str) -> Vec<Vec<u8>> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
     let mut out: Vec<Vec<u8>> = std::fs::read_dir(dir)
         .map(|d| {
             d.filter_map(|e| e.ok())
@@ -55,6 +59,13 @@ const TOKENS: &[&[u8]] = &[
     b"\"\"",
     b"{\"text\":\"x\"}",
     b"\"extra\":1,",
+    b"<",
+    b">",
+    b"</",
+    b"<at>",
+    b"&amp;",
+    b"&#x",
+    b"<blockquote itemid=",
 ];
 
 fn mutate(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
@@ -84,9 +95,17 @@ fn mutate(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Runs `check` on 30,000 deterministic mutations of the seeds; returns how many it accepted.
+fn mutation_run(seeds: &[Vec<u8>], check: impl Fn(&[u8]) -> bool) -> usize {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    (0..30_000)
+        .filter(|i| check(&mutate(&mut rng, &seeds[i % seeds.len()])))
+        .count()
+}
+
 #[test]
 fn seeds_are_valid_events() {
-    let seeds = seeds();
+    let seeds = seeds("http_event");
     assert!(seeds.len() >= 9, "corpus missing");
     for s in &seeds {
         assert!(
@@ -99,15 +118,33 @@ fn seeds_are_valid_events() {
 
 #[test]
 fn mutated_events_never_panic() {
-    let seeds = seeds();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let mut valid = 0;
-    for i in 0..30_000 {
-        let input = mutate(&mut rng, &seeds[i % seeds.len()]);
-        if fuzz_event(&input) {
-            valid += 1;
-        }
-    }
+    let valid = mutation_run(&seeds("http_event"), fuzz_event);
     // Mutations must reach deep code, not only the JSON parser.
     assert!(valid > 500, "only {valid} mutated inputs were valid events");
+}
+
+#[test]
+fn teams_seeds_are_valid_activities() {
+    let seeds = seeds("teams_activity");
+    assert!(seeds.len() >= 10, "corpus missing");
+    for s in &seeds {
+        assert!(
+            fuzz_activity(s),
+            "seed rejected: {}",
+            String::from_utf8_lossy(s)
+        );
+    }
+}
+
+#[test]
+fn mutated_teams_activities_never_panic() {
+    let valid = mutation_run(&seeds("teams_activity"), |input| {
+        html::fuzz(input);
+        fuzz_activity(input)
+    });
+    // Mutations must reach the HTML reader and the commands, not only the JSON parser.
+    assert!(
+        valid > 2_000,
+        "only {valid} mutated inputs were valid activities"
+    );
 }

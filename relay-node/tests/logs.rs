@@ -174,3 +174,100 @@ async fn check_no_content(
     ensure!(leaks.is_empty(), "content in logs:\n{}", leaks.join("\n"));
     Ok(())
 }
+
+/// Through the Teams edge, both ways, at trace level: message text, rich HTML, edits,
+/// reactions, files, contact-request notes and status notes never reach the logs or metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teams_content_never_reaches_logs_or_metrics() -> Result<()> {
+    use common::teams::{self, User};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let redis = RedisServer::start()?;
+    let fake =
+        test_support::fake_bot_connector::FakeBotConnector::start(Default::default()).await?;
+    let node = RelayNode::start_with_env(
+        &teams::teams_config(&fake, &redis.url(), ""),
+        &[("RUST_LOG", "trace")],
+    )?;
+    let rig = teams::Rig {
+        fake,
+        relay: node,
+        redis,
+    };
+    let base = rig.relay.http_url();
+    let c = client()?;
+    let mut bob = Stream::open(&c, &base, "b.example", SECRET_B, Some("$")).await?;
+    let alice = User::new("alice", "Alice Anders", 1);
+    teams::install(&rig, &alice).await?;
+    let say = |text: String, extra: serde_json::Value| {
+        let mut a = teams::personal(&rig, &alice, "message", extra);
+        a["text"] = json!(text);
+        a
+    };
+    teams::send_ok(
+        &rig,
+        &say(format!("invite bob@b.example {CANARY}"), json!({})),
+    )
+    .await?;
+    teams::send_ok(&rig, &say("chat bob@b.example".into(), json!({}))).await?;
+    let m = say(
+        CANARY.into(),
+        json!({"attachments": [{"contentType": "text/html", "content": format!("<b>{CANARY}</b>")}]}),
+    );
+    teams::send_ok(&rig, &m).await?;
+    teams::send_ok(
+        &rig,
+        &teams::personal(
+            &rig,
+            &alice,
+            "messageUpdate",
+            json!({"id": m["id"], "text": format!("{CANARY} 2"),
+            "channelData": {"tenant": {"id": teams::TENANT}, "eventType": "editMessage"}}),
+        ),
+    )
+    .await?;
+    teams::send_ok(&rig, &say(format!("status away {CANARY}"), json!({}))).await?;
+    for ev in [
+        message("b1", "bob", "alice@contoso.com", CANARY),
+        json!({"id": "b2", "type": "file", "from": "bob", "to": "alice@contoso.com",
+               "file": {"name": CANARY, "size": 1, "mime": "text/plain", "url": format!("https://f.example/{CANARY}")}}),
+        json!({"id": "b3", "type": "reaction", "from": "bob", "to": "alice@contoso.com", "target": {"event_id": "b1"}, "emoji": CANARY, "added": true}),
+    ] {
+        let (s, v) = post(&c, &base, "b.example", SECRET_B, &ev).await?;
+        ensure!(s == 202, "{s} {v}");
+    }
+    // Everything went through: bob saw the request, message and edit; Teams got bob's three.
+    let mut seen = 0;
+    while seen < 3 {
+        let ev = bob.next(Duration::from_secs(10)).await?;
+        if ev.data.to_string().contains(CANARY) {
+            seen += 1;
+        }
+    }
+    rig.fake
+        .wait_calls("bob's three posts", Duration::from_secs(10), |cs| {
+            cs.iter()
+                .filter(|c| c.body["text"].as_str().is_some_and(|t| t.contains(CANARY)))
+                .count()
+                >= 3
+        })
+        .await?;
+    let metrics = c
+        .get(format!("{}/metrics", rig.relay.admin_url()))
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        metrics.contains("fedrelay_teams_activities_total"),
+        "metrics are served"
+    );
+    ensure!(!metrics.contains(CANARY), "content in /metrics");
+    let output = rig.relay.output()?;
+    ensure!(
+        output.lines().count() > 20,
+        "the relay logged too little to prove anything"
+    );
+    let leaks: Vec<&str> = output.lines().filter(|l| l.contains(CANARY)).collect();
+    ensure!(leaks.is_empty(), "content in logs:\n{}", leaks.join("\n"));
+    Ok(())
+}

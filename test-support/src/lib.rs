@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod etcd;
+pub mod fake_bot_connector;
 mod proxy;
 
 pub use etcd::EtcdServer;

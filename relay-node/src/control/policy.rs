@@ -84,6 +84,7 @@ mod tests {
             secret_file: None,
             delivery: crate::config::Delivery::Stream,
             webhook_url: None,
+            tenant_id: None,
         });
         let p = Policy::from_config(&cfg);
         assert_eq!(p.check("alpha.example", "beta.example")?, Platform::Http);

@@ -3,6 +3,7 @@
 //! through [`Edges`], never seeing the cluster.
 
 pub mod http;
+pub mod teams;
 
 use async_trait::async_trait;
 use fedrelay_proto::{Address, Envelope};
@@ -12,6 +13,8 @@ use std::sync::Arc;
 /// The node's [`Outbound`]: sends each delivery to the edge of the recipient's platform.
 pub struct Edges {
     pub http: Arc<http::HttpOutbound>,
+    /// The bot, when a domain is on Teams.
+    pub teams: Option<Arc<teams::TeamsEdge>>,
 }
 
 #[async_trait]
@@ -23,6 +26,13 @@ impl Outbound for Edges {
     ) -> Result<Vec<Option<String>>, DeliveryError> {
         match recipient.platform.as_str() {
             "http" => self.http.deliver(recipient, batch).await,
+            "teams" => match &self.teams {
+                Some(t) => t.deliver(recipient, batch).await,
+                None => Err(DeliveryError::permanent(
+                    "no_edge",
+                    "no edge serves platform teams",
+                )),
+            },
             other => Err(DeliveryError::permanent(
                 "no_edge",
                 format!("no edge serves platform {other}"),

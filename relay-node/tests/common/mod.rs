@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod teams;
 
 use anyhow::{Context, Result, bail};
 use axum::body::Bytes;

@@ -28,6 +28,22 @@ pub struct InboundEvent {
     pub note: Option<String>,
     pub accepted: Option<bool>,
     pub file: Option<FileRef>,
+    pub profile: Option<ProfileIn>,
+}
+
+/// A user's answer to a profile query.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileIn {
+    pub display_name: String,
+    #[serde(default)]
+    pub email: String,
+    #[serde(default)]
+    pub title: String,
+    #[serde(default)]
+    pub organisation: String,
+    #[serde(default)]
+    pub avatar_url: String,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -42,6 +58,8 @@ pub enum EventType {
     ContactRequest,
     ContactResponse,
     File,
+    Profile,
+    ProfileQuery,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -222,6 +240,8 @@ pub fn to_envelope(
         EventType::ContactRequest => "contact_request",
         EventType::ContactResponse => "contact_response",
         EventType::File => "file",
+        EventType::Profile => "profile",
+        EventType::ProfileQuery => "profile_query",
     };
     let body = match ev.kind {
         EventType::Message => Body::Text(text_of(ev.text, ev.rich, kind)?),
@@ -266,6 +286,28 @@ pub fn to_envelope(
         EventType::ContactResponse => Body::ContactResponse(v1::ContactResponse {
             accepted: need(ev.accepted, "accepted", kind)?,
         }),
+        EventType::ProfileQuery => Body::ProfileQuery(v1::ProfileQuery {}),
+        EventType::Profile => {
+            let p = need(ev.profile, "profile", kind)?;
+            let fields = [&p.display_name, &p.email, &p.title, &p.organisation];
+            if p.display_name.is_empty() || fields.iter().any(|f| f.len() > MAX_ID) {
+                return invalid(
+                    "`profile.display_name` is required and fields are at most 256 bytes",
+                );
+            }
+            if !p.avatar_url.is_empty()
+                && (!p.avatar_url.starts_with("https://") || p.avatar_url.len() > 4096)
+            {
+                return invalid("`profile.avatar_url` must be an https URL");
+            }
+            Body::Profile(v1::Profile {
+                display_name: p.display_name,
+                email: p.email,
+                title: p.title,
+                organisation: p.organisation,
+                avatar_url: p.avatar_url,
+            })
+        }
         EventType::File => {
             let f = need(ev.file, "file", kind)?;
             if !f.url.starts_with("https://") && !f.url.starts_with("http://") {
@@ -287,8 +329,14 @@ pub fn to_envelope(
         }
     };
     let sender = Address::new("http", domain, ev.from);
+    // `#<key>@domain` names a channel of that domain's platform (a Teams channel the sender
+    // was invited to): the channel's session, not a 1:1 one.
+    let session_id = match recipient.user.strip_prefix('#') {
+        Some(key) if !key.is_empty() => SessionId::channel(&recipient.platform, key),
+        _ => SessionId::one_to_one(&sender, &recipient),
+    };
     Ok(Envelope {
-        session_id: SessionId::one_to_one(&sender, &recipient).0.to_vec(),
+        session_id: session_id.0.to_vec(),
         relay_msg_id: String::new(),
         origin: Some(v1::Origin {
             platform: "http".into(),

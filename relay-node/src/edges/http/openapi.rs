@@ -74,15 +74,19 @@ pub fn document() -> Value {
                     "url": {"type": "string", "format": "uri"}}},
                 "InboundEvent": {"type": "object", "required": ["id", "type", "from", "to"], "additionalProperties": false, "properties": {
                     "id": {"type": "string", "minLength": 1, "maxLength": 256},
-                    "type": {"type": "string", "enum": ["message", "edit", "delete", "reaction", "typing", "presence", "contact_request", "contact_response", "file"]},
-                    "from": {"type": "string"}, "to": {"type": "string", "description": "user@domain"},
+                    "type": {"type": "string", "enum": ["message", "edit", "delete", "reaction", "typing", "presence", "contact_request", "contact_response", "file", "profile", "profile_query"]},
+                    "from": {"type": "string"}, "to": {"type": "string", "description": "user@domain, or #key@domain for a channel the sender was invited to"},
                     "sent_at": {"type": "integer", "description": "ms since the Unix epoch"},
                     "text": {"type": "string"}, "rich": {"type": "array", "items": {"$ref": "#/components/schemas/Run"}},
                     "target": {"$ref": "#/components/schemas/Target"},
                     "emoji": {"type": "string"}, "added": {"type": "boolean"}, "active": {"type": "boolean"},
                     "availability": {"type": "string", "enum": ["available", "away", "busy", "do_not_disturb", "offline"]},
                     "note": {"type": "string"}, "accepted": {"type": "boolean"},
-                    "file": {"$ref": "#/components/schemas/File"}}},
+                    "file": {"$ref": "#/components/schemas/File"},
+                    "profile": {"$ref": "#/components/schemas/Profile"}}},
+                "Profile": {"type": "object", "required": ["display_name"], "additionalProperties": false, "properties": {
+                    "display_name": {"type": "string"}, "email": {"type": "string"}, "title": {"type": "string"},
+                    "organisation": {"type": "string"}, "avatar_url": {"type": "string", "format": "uri"}}},
                 "OutboundEvent": {"type": "object", "required": ["session_id", "seq", "relay_msg_id", "type", "from", "from_platform", "to", "sent_at"], "properties": {
                     "session_id": {"type": "string"}, "seq": {"type": "integer"}, "relay_msg_id": {"type": "string"},
                     "type": {"type": "string"}, "from": {"type": "string"}, "from_platform": {"type": "string"},
