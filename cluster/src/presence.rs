@@ -43,6 +43,15 @@ pub trait PresenceStore: Send + Sync + 'static {
         on: bool,
     ) -> Result<(), StoreError>;
     async fn subscribers(&self, publisher: &Address) -> Result<Vec<Address>, StoreError>;
+    /// Records that `requester` sent `target` a contact request (or forgets it).
+    async fn set_requested(
+        &self,
+        requester: &Address,
+        target: &Address,
+        on: bool,
+    ) -> Result<(), StoreError>;
+    /// Whether `requester` sent `target` a contact request that was not declined.
+    async fn requested(&self, requester: &Address, target: &Address) -> Result<bool, StoreError>;
 }
 
 /// The session id presence deliveries carry: one per publisher, so a receiver's dedup on
@@ -60,6 +69,8 @@ fn encode_addr(a: &Address) -> Vec<u8> {
 pub struct MemoryPresenceStore {
     state: Mutex<HashMap<String, (v1::Presence, u64)>>,
     subs: Mutex<HashMap<String, HashSet<Vec<u8>>>>,
+    /// Target → requesters.
+    requests: Mutex<HashMap<String, HashSet<Vec<u8>>>>,
 }
 
 fn poisoned<T>(_: T) -> StoreError {
@@ -103,6 +114,31 @@ impl PresenceStore for MemoryPresenceStore {
         Ok(())
     }
 
+    async fn set_requested(
+        &self,
+        requester: &Address,
+        target: &Address,
+        on: bool,
+    ) -> Result<(), StoreError> {
+        let mut r = self.requests.lock().map_err(poisoned)?;
+        let set = r.entry(recipient_key(target)).or_default();
+        if on {
+            set.insert(encode_addr(requester));
+        } else {
+            set.remove(&encode_addr(requester));
+        }
+        Ok(())
+    }
+
+    async fn requested(&self, requester: &Address, target: &Address) -> Result<bool, StoreError> {
+        Ok(self
+            .requests
+            .lock()
+            .map_err(poisoned)?
+            .get(&recipient_key(target))
+            .is_some_and(|s| s.contains(&encode_addr(requester))))
+    }
+
     async fn subscribers(&self, publisher: &Address) -> Result<Vec<Address>, StoreError> {
         let subs = self.subs.lock().map_err(poisoned)?;
         Ok(subs
@@ -116,8 +152,9 @@ impl PresenceStore for MemoryPresenceStore {
     }
 }
 
-/// Presence in Redis: `<prefix>:p:{<user>}:state` (hash: `v` version, `p` encoded presence)
-/// and `<prefix>:p:{<user>}:subs` (set of encoded subscriber addresses).
+/// Presence in Redis: `<prefix>:p:{<user>}:state` (hash: `v` version, `p` encoded presence),
+/// `<prefix>:p:{<user>}:subs` (set of encoded subscriber addresses) and
+/// `<prefix>:p:{<user>}:req` (set of encoded addresses that sent the user a contact request).
 #[derive(Clone)]
 pub struct RedisPresenceStore {
     conn: ConnectionManager,
@@ -186,6 +223,29 @@ impl PresenceStore for RedisPresenceStore {
             .query_async(&mut self.conn.clone())
             .await?;
         Ok(())
+    }
+
+    async fn set_requested(
+        &self,
+        requester: &Address,
+        target: &Address,
+        on: bool,
+    ) -> Result<(), StoreError> {
+        let _: u64 = redis::cmd(if on { "SADD" } else { "SREM" })
+            .arg(self.key(target, "req"))
+            .arg(encode_addr(requester))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    async fn requested(&self, requester: &Address, target: &Address) -> Result<bool, StoreError> {
+        let member: bool = redis::cmd("SISMEMBER")
+            .arg(self.key(target, "req"))
+            .arg(encode_addr(requester))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(member)
     }
 
     async fn subscribers(&self, publisher: &Address) -> Result<Vec<Address>, StoreError> {
@@ -354,6 +414,32 @@ impl Presence {
 
     fn me(&self) -> &str {
         self.membership.node_id()
+    }
+
+    /// Records (or forgets) a contact request of `requester` to `target`: only an answer to
+    /// one makes the two follow each other.
+    pub async fn note_request(
+        &self,
+        requester: &Address,
+        target: &Address,
+        on: bool,
+    ) -> Result<(), SessionError> {
+        self.store
+            .set_requested(requester, target, on)
+            .await
+            .map_err(|e| SessionError::Unavailable(e.to_string()))
+    }
+
+    /// Whether `requester` asked `target` to connect.
+    pub async fn was_requested(
+        &self,
+        requester: &Address,
+        target: &Address,
+    ) -> Result<bool, SessionError> {
+        self.store
+            .requested(requester, target)
+            .await
+            .map_err(|e| SessionError::Unavailable(e.to_string()))
     }
 
     /// Presence actors running on this node.

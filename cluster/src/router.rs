@@ -58,8 +58,9 @@ impl Router {
         })
     }
 
-    /// An accepted contact request makes both sides follow each other's presence; a
-    /// declined one (or a later removal) undoes it.
+    /// Accepting a contact request makes both sides follow each other's presence; declining
+    /// it (or a later removal) undoes it. An "accepted" that answers no request of its
+    /// recipient follows nobody: presence is shared only with someone who asked.
     async fn follow_contact(&self, env: &Envelope) -> Result<(), SessionError> {
         let Some(Body::ContactResponse(r)) = &env.body else {
             return Ok(());
@@ -68,6 +69,13 @@ impl Router {
             return Ok(());
         };
         for other in &env.recipients {
+            if r.accepted && !self.presence.was_requested(other, sender).await? {
+                metrics::counter!("fedrelay_contact_responses_unrequested_total").increment(1);
+                continue;
+            }
+            if !r.accepted {
+                self.presence.note_request(other, sender, false).await?;
+            }
             self.presence.subscribe(sender, other, r.accepted).await?;
             self.presence.subscribe(other, sender, r.accepted).await?;
         }
@@ -126,6 +134,17 @@ impl Ingress for Router {
     async fn submit(&self, env: Envelope) -> Result<Accepted, SessionError> {
         if env.recipients.is_empty() && matches!(env.body, Some(Body::Presence(_))) {
             return self.publish_presence(env).await;
+        }
+        if matches!(env.body, Some(Body::ContactRequest(_))) {
+            // Noted before the request is journaled: its recipient may answer as soon as it
+            // is delivered. A request that then fails to journal only lets the recipient
+            // accept what the sender tried to ask.
+            if let Some(sender) = &env.sender {
+                for target in &env.recipients {
+                    self.presence.note_request(sender, target, true).await?;
+                }
+            }
+            return self.submit_hop(env, 0).await;
         }
         if matches!(env.body, Some(Body::ContactResponse(_))) {
             let accepted = self.submit_hop(env.clone(), 0).await?;

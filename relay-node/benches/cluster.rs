@@ -400,7 +400,7 @@ struct Reader {
 impl Reader {
     async fn start(base: &str) -> Result<Self> {
         let client = common::client()?;
-        let mut stream = Stream::open(&client, base, "b.example", SECRET_B, None).await?;
+        let mut stream = Stream::open(&client, base, "b.example", SECRET_B, Some("$")).await?;
         let shared = Arc::new(ReaderShared {
             seen: Mutex::new(Vec::new()),
             failed: Mutex::new(None),
@@ -1026,12 +1026,16 @@ async fn presence_on(opts: &Opts, cl: &Cluster) -> Result<PresenceRun> {
     let n = opts.subscribers;
     let client = post_client()?;
     let bases: Vec<String> = (0..3).map(|i| cl.url(i)).collect::<Result<_>>()?;
-    // Users u<i>@b.example accept alice's contact request, at n1, n2, n3 in turn.
+    // alice asks users u<i>@b.example to connect and they accept, at n1, n2, n3 in turn.
     let setup = Instant::now();
     let results: Vec<Result<()>> = futures::stream::iter(0..n)
         .map(|i| {
             let (client, base) = (&client, vec![bases[i % 3].clone()]);
             async move {
+                let req = json!({"id": format!("req-u{i}"), "type": "contact_request",
+                                 "from": "alice", "to": format!("u{i}@b.example")});
+                let body = serde_json::to_vec(&req)?;
+                post_until_accepted(client, &base, "a.example", SECRET_A, &body, T).await?;
                 let ev = json!({"id": format!("cr-u{i}"), "type": "contact_response",
                                 "from": format!("u{i}"), "to": "alice@a.example", "accepted": true});
                 let body = serde_json::to_vec(&ev)?;

@@ -449,6 +449,17 @@ impl TeamsConfig {
                 ));
             }
         }
+        // The token checks can be tuned, not switched off.
+        if self.clock_skew_secs > 600 {
+            return bad("`clock_skew_secs` is at most 600".into());
+        }
+        if self.jwks_min_refetch_secs < 30 || !(300..=7 * 86_400).contains(&self.jwks_refresh_secs)
+        {
+            return bad(
+                "`jwks_min_refetch_secs` is at least 30 and `jwks_refresh_secs` 300 to 604800"
+                    .into(),
+            );
+        }
         if self.max_body_bytes == 0 || self.request_timeout_ms == 0 {
             return bad("sizes and timeouts must be positive".into());
         }
@@ -1069,6 +1080,8 @@ between = ["a.example", "b.example"]
                 format!("{TEAMS}service_url_prefixes = []\n"),
                 "must not be empty",
             ),
+            (format!("{TEAMS}clock_skew_secs = 86400\n"), "at most 600"),
+            (format!("{TEAMS}jwks_min_refetch_secs = 0\n"), "at least 30"),
         ] {
             match load(&extra) {
                 Err(ConfigError::Invalid(m)) => assert!(m.contains(why), "{why}: {m}"),

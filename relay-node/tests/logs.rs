@@ -86,7 +86,9 @@ async fn check_no_content(
         json!({"id": "c4", "type": "file", "from": "alice", "to": "bob@b.example", "file": {"name": CANARY, "size": 1, "mime": "text/plain", "url": format!("https://f.example/{CANARY}")}}),
         json!({"id": "c5", "type": "presence", "from": "alice", "to": "bob@b.example", "availability": "away", "note": CANARY}),
         json!({"id": "c6", "type": "message", "from": "alice", "to": "carol@c.example", "text": CANARY}),
-        // bob follows alice's presence, then alice publishes to her followers.
+        // alice asks bob to connect and he accepts: he follows her presence, then alice
+        // publishes to her followers.
+        json!({"id": "c8r", "type": "contact_request", "from": "alice", "to": "bob@b.example"}),
         json!({"id": "c9", "type": "contact_response", "from": "bob", "to": "alice@a.example", "accepted": true}),
     ] {
         let domain = if ev["from"] == "bob" {

@@ -59,14 +59,39 @@ async fn presence_fans_out_to_contacts_on_every_node() -> Result<()> {
     let c = client()?;
     wait_members(&c, &nodes[0].admin_url(), 3).await?;
 
-    // 30 users of b.example accept alice's contact request, through different nodes.
+    // alice asks 31 users of b.example to connect; 30 accept, through different nodes.
     let subscribers: Vec<String> = (0..30).map(|i| format!("u{i}")).collect();
+    for (i, u) in subscribers.iter().chain([&"late".to_string()]).enumerate() {
+        let ev = json!({"id": format!("req-{u}"), "type": "contact_request", "from": "alice",
+                        "to": format!("{u}@b.example")});
+        post_until_accepted(
+            &c,
+            &nodes[i % 3].http_url(),
+            "a.example",
+            SECRET_A,
+            &ev,
+            WAIT,
+        )
+        .await?;
+    }
     for (i, u) in subscribers.iter().enumerate() {
         let node = &nodes[i % 3];
         let ev = json!({"id": format!("cr-{u}"), "type": "contact_response", "from": u,
                         "to": "alice@a.example", "accepted": true});
         post_until_accepted(&c, &node.http_url(), "b.example", SECRET_B, &ev, WAIT).await?;
     }
+    // An "accepted" nobody asked for makes its sender follow nobody.
+    let unasked = json!({"id": "cr-nosy", "type": "contact_response", "from": "nosy",
+                         "to": "alice@a.example", "accepted": true});
+    post_until_accepted(
+        &c,
+        &nodes[0].http_url(),
+        "b.example",
+        SECRET_B,
+        &unasked,
+        WAIT,
+    )
+    .await?;
     let mut stream = Stream::open(&c, &nodes[2].http_url(), "b.example", SECRET_B, None).await?;
 
     let away = json!({"id": "p-1", "type": "presence", "from": "alice", "to": "*",
@@ -82,6 +107,10 @@ async fn presence_fans_out_to_contacts_on_every_node() -> Result<()> {
         "every contact gets alice's presence: {:?}",
         got.keys()
     );
+    ensure!(
+        !got.contains_key("nosy@b.example"),
+        "an unasked-for accept made its sender a follower"
+    );
     for (to, evs) in &got {
         ensure!(evs.len() == 1, "{to} got {} presence events", evs.len());
         ensure!(evs[0]["from"] == "alice@a.example" && evs[0]["note"] == "at lunch");
@@ -93,6 +122,7 @@ async fn presence_fans_out_to_contacts_on_every_node() -> Result<()> {
     post_until_accepted(&c, &nodes[1].http_url(), "a.example", SECRET_A, &busy, WAIT).await?;
     let got = presence_events(&mut stream, "busy", subscribers.len()).await?;
     ensure!(got.values().all(|evs| evs.len() == 1));
+    ensure!(!got.contains_key("nosy@b.example"));
     let late = json!({"id": "cr-late", "type": "contact_response", "from": "late",
                       "to": "alice@a.example", "accepted": true});
     post_until_accepted(&c, &nodes[2].http_url(), "b.example", SECRET_B, &late, WAIT).await?;

@@ -337,9 +337,26 @@ async fn teams_and_http_users_chat_with_everything() -> Result<()> {
     wait_post(&rig, &conv, &["<b>Bob Builder</b>", "named now"]).await?;
 
     // A reply to a relayed message goes to its sender even with the focus elsewhere.
-    alice_says(&rig, &alice, json!({"text": "to bob@b.example one-off"})).await?;
+    let once = alice_says(&rig, &alice, json!({"text": "to bob@b.example one-off"})).await?;
     let e = next_event(&mut bob).await?;
     ensure!(e["type"] == "message" && e["text"] == "one-off", "{e}");
+    let once_relay = e["relay_msg_id"].clone();
+    // Editing such a message edits its text, not the command around it.
+    teams::send_ok(
+        &rig,
+        &teams::personal(
+            &rig,
+            &alice,
+            "messageUpdate",
+            json!({
+            "id": once["id"], "text": "to bob@b.example one-off, fixed",
+            "channelData": {"tenant": {"id": teams::TENANT}, "eventType": "editMessage"}}),
+        ),
+    )
+    .await?;
+    let e = next_event(&mut bob).await?;
+    ensure!(e["type"] == "edit" && e["text"] == "one-off, fixed", "{e}");
+    ensure!(e["target"]["relay_msg_id"] == once_relay, "{e}");
 
     // contacts lists bob, accepted, with his presence once he publishes it.
     bob_posts(
@@ -462,6 +479,35 @@ async fn contact_requests_from_outside_are_answered_in_teams() -> Result<()> {
     );
     ensure!(e["to"] == "carol@b.example", "{e}");
 
+    // An "accepted" nobody asked for changes nothing: carol (c.example) is not made a
+    // contact and does not take over alice's chat with bob. Her message after it proves
+    // the answer was handled first (one session, in order).
+    let (status, v) = post(&c, &base, "c.example", common::SECRET_C,
+        &json!({"id": "c-acc", "type": "contact_response", "from": "carol", "to": "alice@contoso.com", "accepted": true})).await?;
+    ensure!(status == 202, "{status} {v}");
+    let (status, v) = post(
+        &c,
+        &base,
+        "c.example",
+        common::SECRET_C,
+        &common::message("c-m1", "carol", "alice@contoso.com", "hello from c"),
+    )
+    .await?;
+    ensure!(status == 202, "{status} {v}");
+    wait_post(&rig, &conv, &["carol@c.example", "hello from c"]).await?;
+    ensure!(
+        !teams::posted_texts(&rig, &conv)
+            .iter()
+            .any(|t| t.contains("carol@c.example") && t.contains("accepted")),
+        "an unasked-for answer was shown as an acceptance"
+    );
+    alice_says(&rig, &alice, json!({"text": "still for bob"})).await?;
+    let e = next_event(&mut bob).await?;
+    ensure!(
+        e["type"] == "message" && e["text"] == "still for bob",
+        "{e}"
+    );
+
     // An invoke the bot does not handle: 501, as the Bot Framework SDK answers.
     let other = teams::personal(
         &rig,
@@ -480,11 +526,24 @@ async fn a_channel_is_relayed_to_its_invited_outside_members() -> Result<()> {
     let base = rig.relay.http_url();
     let alice = User::new("alice", "Alice Anders", 1);
     let c = client()?;
-    let mut bob = Stream::open(&c, &base, "b.example", SECRET_B, Some("$")).await?;
+    let mut outside = Stream::open(&c, &base, "b.example", SECRET_B, Some("$")).await?;
+    let mut carol = Stream::open(&c, &base, "c.example", common::SECRET_C, Some("$")).await?;
     teams::install(&rig, &alice).await?;
     let channel = "19:projectx@thread.tacv2";
+    let in_channel = |text: &str| {
+        teams::in_channel(
+            &rig,
+            &alice,
+            channel,
+            "message",
+            json!({
+            "text": format!("<at>fedrelay</at> {text}"),
+            "entities": [{"type": "mention", "text": "<at>fedrelay</at>",
+                          "mentioned": {"id": format!("28:{}", rig.fake.config().app_id), "name": "fedrelay"}}]}),
+        )
+    };
 
-    // The bot is added to the team; in the channel, alice invites bob.
+    // The bot is added to the team; in the channel, alice invites bob and carol.
     let added = teams::in_channel(
         &rig,
         &alice,
@@ -494,46 +553,66 @@ async fn a_channel_is_relayed_to_its_invited_outside_members() -> Result<()> {
         "membersAdded": [{"id": format!("28:{}", rig.fake.config().app_id)}]}),
     );
     teams::send_ok(&rig, &added).await?;
-    let invite = teams::in_channel(
-        &rig,
-        &alice,
-        channel,
-        "message",
-        json!({
-        "text": "<at>fedrelay</at> invite bob@b.example",
-        "entities": [{"type": "mention", "text": "<at>fedrelay</at>", "mentioned": {"id": format!("28:{}", rig.fake.config().app_id), "name": "fedrelay"}}]}),
-    );
-    teams::send_ok(&rig, &invite).await?;
-    let e = next_event(&mut bob).await?;
-    ensure!(
-        e["type"] == "channel_invite" && e["channel_name"] == "Project X",
-        "{e}"
-    );
-    let channel_addr = e["channel_id"].as_str().context("channel id")?.to_string();
+    let mut channel_addr = String::new();
+    for (who, stream) in [
+        ("bob@b.example", &mut outside),
+        ("carol@c.example", &mut carol),
+    ] {
+        teams::send_ok(&rig, &in_channel(&format!("invite {who}"))).await?;
+        let e = next_event(stream).await?;
+        ensure!(
+            e["type"] == "channel_invite" && e["channel_name"] == "Project X",
+            "{e}"
+        );
+        ensure!(e["to"] == who, "{e}");
+        channel_addr = e["channel_id"].as_str().context("channel id")?.to_string();
+        wait_post(&rig, channel, &[who, "is invited"]).await?;
+    }
     ensure!(
         channel_addr.starts_with('#') && channel_addr.ends_with("@contoso.com"),
-        "{e}"
+        "{channel_addr}"
     );
-    wait_post(&rig, channel, &["bob@b.example", "is invited"]).await?;
 
-    // A channel message mentioning the bot reaches bob; bob's answer appears in the channel.
-    let hello = teams::in_channel(
+    // A channel message mentioning the bot reaches both.
+    teams::send_ok(&rig, &in_channel("welcome to Project X")).await?;
+    for (who, stream) in [
+        ("bob@b.example", &mut outside),
+        ("carol@c.example", &mut carol),
+    ] {
+        let e = next_event(stream).await?;
+        ensure!(
+            e["type"] == "message" && e["text"] == "welcome to Project X",
+            "{e}"
+        );
+        ensure!(e["from"] == "alice@contoso.com" && e["to"] == who, "{e}");
+    }
+
+    // A colleague joins the team: the outside members are told who.
+    let dave = User::new("dave", "Dave Dalton", 4);
+    rig.fake.add_member(dave.member());
+    let joined = teams::in_channel(
         &rig,
         &alice,
         channel,
-        "message",
+        "conversationUpdate",
         json!({
-        "text": "<at>fedrelay</at> welcome to Project X"}),
+        "membersAdded": [{"id": dave.bf_id, "aadObjectId": dave.aad}],
+        "channelData": {"tenant": {"id": teams::TENANT}, "eventType": "teamMemberAdded",
+                        "team": {"id": "19:team-general@thread.tacv2"}, "channel": {"id": channel, "name": "Project X"}}}),
     );
-    teams::send_ok(&rig, &hello).await?;
-    let e = next_event(&mut bob).await?;
-    ensure!(
-        e["type"] == "message" && e["text"] == "welcome to Project X",
-        "{e}"
-    );
-    ensure!(e["from"] == "alice@contoso.com", "{e}");
-    let channel_session = e["session_id"].clone();
-    bob_posts(
+    teams::send_ok(&rig, &joined).await?;
+    for (who, stream) in [
+        ("bob@b.example", &mut outside),
+        ("carol@c.example", &mut carol),
+    ] {
+        let e = next_event(stream).await?;
+        ensure!(e["type"] == "membership" && e["change"] == "joined", "{e}");
+        ensure!(e["from"] == "dave@contoso.com" && e["to"] == who, "{e}");
+        ensure!(e["channel_id"] == channel_addr.as_str(), "{e}");
+    }
+
+    // Bob's answer appears in the channel, headed with his name, and reaches carol.
+    let sent = bob_posts(
         &base,
         common::message("b-ch1", "bob", &channel_addr, "thanks, glad to be here"),
     )
@@ -544,41 +623,101 @@ async fn a_channel_is_relayed_to_its_invited_outside_members() -> Result<()> {
         "{}",
         shown.conversation_id
     );
-
-    // `members` lists bob; `remove` takes him out, and he is told.
-    let members = teams::in_channel(
-        &rig,
-        &alice,
-        channel,
-        "message",
-        json!({"text": "<at>fedrelay</at> members"}),
-    );
-    teams::send_ok(&rig, &members).await?;
-    wait_post(&rig, channel, &["Outside members", "bob@b.example"]).await?;
-    let remove = teams::in_channel(
-        &rig,
-        &alice,
-        channel,
-        "message",
-        json!({"text": "<at>fedrelay</at> remove bob@b.example"}),
-    );
-    teams::send_ok(&rig, &remove).await?;
-    let e = next_event(&mut bob).await?;
-    ensure!(e["type"] == "membership" && e["change"] == "left", "{e}");
-    ensure!(e["session_id"] == channel_session, "{e}");
-    // Nothing more reaches him from the channel; a 1:1 message still does.
-    let after = teams::in_channel(
-        &rig,
-        &alice,
-        channel,
-        "message",
-        json!({"text": "<at>fedrelay</at> after removal"}),
-    );
-    teams::send_ok(&rig, &after).await?;
-    alice_says(&rig, &alice, json!({"text": "to bob@b.example direct"})).await?;
-    let e = next_event(&mut bob).await?;
+    let e = next_event(&mut carol).await?;
     ensure!(
-        e["text"] == "direct",
+        e["type"] == "message" && e["text"] == "thanks, glad to be here",
+        "{e}"
+    );
+    ensure!(
+        e["from"] == "bob@b.example" && e["to"] == "carol@c.example",
+        "{e}"
+    );
+    ensure!(e["session_id"] == sent["session_id"], "{e}");
+    // His edit changes the channel post and carol's copy.
+    bob_posts(
+        &base,
+        json!({"id": "b-ch1-e", "type": "edit", "from": "bob", "to": channel_addr,
+                            "target": {"event_id": "b-ch1"}, "text": "thanks, very glad"}),
+    )
+    .await?;
+    rig.fake
+        .wait_calls("the channel post updated", WAIT, |cs| {
+            cs.iter().any(|c| {
+                c.method == "PUT"
+                    && c.activity_id.as_deref() == shown.reply["id"].as_str()
+                    && c.body["text"]
+                        .as_str()
+                        .is_some_and(|t| t.contains("very glad"))
+            })
+        })
+        .await?;
+    let e = next_event(&mut carol).await?;
+    ensure!(
+        e["type"] == "edit" && e["text"] == "thanks, very glad" && e["to"] == "carol@c.example",
+        "{e}"
+    );
+
+    // `members` lists both; `remove` takes bob out, and he is told.
+    teams::send_ok(&rig, &in_channel("members")).await?;
+    wait_post(
+        &rig,
+        channel,
+        &["Outside members", "bob@b.example", "carol@c.example"],
+    )
+    .await?;
+    teams::send_ok(&rig, &in_channel("remove bob@b.example")).await?;
+    let e = next_event(&mut outside).await?;
+    ensure!(
+        e["type"] == "membership" && e["change"] == "left" && e["to"] == "bob@b.example",
+        "{e}"
+    );
+    // Without a mention, channel talk is relayed as it is, never read as a command (with
+    // resource-specific consent the bot gets every channel message).
+    let plain = teams::in_channel(
+        &rig,
+        &alice,
+        channel,
+        "message",
+        json!({"text": "to be clear: kick-off at 10"}),
+    );
+    teams::send_ok(&rig, &plain).await?;
+    let e = next_event(&mut carol).await?;
+    ensure!(
+        e["type"] == "message" && e["text"] == "to be clear: kick-off at 10",
+        "{e}"
+    );
+    // A removed member can no longer write into the channel: his message comes back to him
+    // as an error, and nothing is posted.
+    let posts_before = rig.fake.sent().len();
+    let refused = bob_posts(
+        &base,
+        common::message("b-ch2", "bob", &channel_addr, "let me back in"),
+    )
+    .await?;
+    let e = next_event(&mut outside).await?;
+    ensure!(
+        e["type"] == "error" && e["detail"] == "teams_not_member",
+        "{e}"
+    );
+    ensure!(
+        e["target"]["relay_msg_id"] == refused["relay_msg_id"],
+        "{e}"
+    );
+    ensure!(
+        rig.fake.sent().len() == posts_before,
+        "a non-member's message was posted"
+    );
+    // Nothing more reaches him from the channel; carol still gets it; a 1:1 message reaches him.
+    teams::send_ok(&rig, &in_channel("after removal")).await?;
+    let e = next_event(&mut carol).await?;
+    ensure!(
+        e["text"] == "after removal" && e["to"] == "carol@c.example",
+        "{e}"
+    );
+    alice_says(&rig, &alice, json!({"text": "to bob@b.example direct"})).await?;
+    let e = next_event(&mut outside).await?;
+    ensure!(
+        e["text"] == "direct" && e["to"] == "bob@b.example",
         "the channel message reached a removed member: {e}"
     );
     Ok(())

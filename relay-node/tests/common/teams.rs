@@ -2,7 +2,7 @@
 //! the Bot Connector would send them.
 #![allow(dead_code)]
 
-use super::{SECRET_B, SECRET_D};
+use super::{SECRET_B, SECRET_C, SECRET_D};
 use anyhow::Result;
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +21,8 @@ pub struct Rig {
 }
 
 /// The config of a relay serving contoso.com on Teams, b.example on HTTP (stream delivery,
-/// federated with contoso.com) and d.example on HTTP (federated with nobody).
+/// federated with contoso.com), c.example on HTTP (stream, federated with contoso.com and
+/// b.example) and d.example on HTTP (federated with nobody).
 pub fn teams_config(fake: &FakeBotConnector, redis_url: &str, extra: &str) -> String {
     config_text(fake, redis_url, extra, "")
 }
@@ -75,8 +76,16 @@ secret = "{SECRET_B}"
 name = "d.example"
 platform = "http"
 secret = "{SECRET_D}"
+[[domains]]
+name = "c.example"
+platform = "http"
+secret = "{SECRET_C}"
 [[federation]]
 between = ["contoso.com", "b.example"]
+[[federation]]
+between = ["contoso.com", "c.example"]
+[[federation]]
+between = ["b.example", "c.example"]
 "#,
         app_id = c.app_id,
         password = c.app_password,

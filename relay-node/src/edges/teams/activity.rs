@@ -11,6 +11,9 @@ pub struct Activity {
     pub kind: String,
     #[serde(default)]
     pub id: Option<String>,
+    /// When the event happened (for an edit or delete: when it was made).
+    #[serde(default)]
+    pub timestamp: Option<String>,
     pub service_url: String,
     pub channel_id: String,
     #[serde(default)]

@@ -19,7 +19,9 @@ impl Addr {
         let s = s.trim().trim_start_matches("mailto:");
         let (user, domain) = s.rsplit_once('@')?;
         let domain = domain.to_ascii_lowercase();
+        // `#…` names a channel, which is joined by invitation, never addressed by command.
         let valid_user = !user.is_empty()
+            && !user.starts_with('#')
             && user.len() <= 256
             && !user.contains('@')
             && !user.chars().any(|c| c.is_whitespace() || c.is_control());
@@ -174,5 +176,6 @@ mod tests {
         assert!(Addr::parse("bob@exa mple").is_none());
         assert!(Addr::parse("@b.example").is_none());
         assert!(Addr::parse("bob@").is_none());
+        assert!(Addr::parse("#3f9a@contoso.com").is_none());
     }
 }

@@ -106,44 +106,69 @@ const ATTEMPTS: u32 = 3;
 /// A `Retry-After` longer than this is not waited for inline.
 const MAX_INLINE_WAIT: Duration = Duration::from_secs(5);
 
+/// Send times by conversation and by tenant, kept apart (their windows differ).
 #[derive(Default)]
 struct Pacer {
-    sent: Mutex<HashMap<String, VecDeque<Instant>>>,
+    sent: Mutex<(Queues, Queues)>,
+}
+
+type Queues = HashMap<String, VecDeque<Instant>>;
+
+/// The earliest time one more send fits every window of `limits` for queue `q`.
+fn earliest(q: &mut VecDeque<Instant>, limits: Limits, now: Instant) -> Instant {
+    let span = limits_span(limits);
+    while q
+        .front()
+        .is_some_and(|t| now.saturating_duration_since(*t) >= span)
+    {
+        q.pop_front();
+    }
+    let mut at = now;
+    for (window, max) in limits {
+        // The slot after the max-th most recent send in this window frees up once that send
+        // is `window` old.
+        if q.len() >= *max
+            && let Some(t) = q.get(q.len() - max)
+        {
+            at = at.max(*t + *window + PACING_GUARD);
+        }
+    }
+    at
+}
+
+fn record(q: &mut VecDeque<Instant>, at: Instant) {
+    q.push_back(at);
+    if q.len() > 1 && q[q.len() - 2] > at {
+        q.make_contiguous().sort();
+    }
 }
 
 impl Pacer {
-    /// Reserves the next slot for `key` within `limits` and returns when it may go.
-    fn reserve(&self, key: &str, limits: Limits) -> Instant {
+    /// Reserves the next slot of a send to `conversation` of `tenant` within both limits and
+    /// returns when it may go.
+    fn reserve(&self, conversation: &str, tenant: &str) -> Instant {
         let now = Instant::now();
-        let Ok(mut map) = self.sent.lock() else {
+        let Ok(mut guard) = self.sent.lock() else {
             return now;
         };
-        if map.len() > 10_000 {
-            map.retain(|_, q| {
-                q.back()
-                    .is_some_and(|t| now.duration_since(*t) < limits_span(limits))
-            });
-        }
-        let q = map.entry(key.to_string()).or_default();
-        let span = limits_span(limits);
-        while q
-            .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) >= span)
-        {
-            q.pop_front();
-        }
-        let mut at = now;
-        for (window, max) in limits {
-            // The slot after the max-th most recent send in this window frees up once that
-            // send is `window` old.
-            if q.len() >= *max {
-                let idx = q.len() - max;
-                if let Some(t) = q.get(idx) {
-                    at = at.max(*t + *window + PACING_GUARD);
-                }
+        let (convs, tenants) = &mut *guard;
+        for (map, limits) in [(&mut *convs, PER_CONVERSATION), (&mut *tenants, PER_TENANT)] {
+            if map.len() > 10_000 {
+                let span = limits_span(limits);
+                map.retain(|_, q| {
+                    q.back()
+                        .is_some_and(|t| now.saturating_duration_since(*t) < span)
+                });
             }
         }
-        q.push_back(at);
+        let cq = convs.entry(conversation.to_string()).or_default();
+        let at_conv = earliest(cq, PER_CONVERSATION, now);
+        let tq = tenants.entry(tenant.to_string()).or_default();
+        let at = at_conv.max(earliest(tq, PER_TENANT, now));
+        record(tq, at);
+        if let Some(cq) = convs.get_mut(conversation) {
+            record(cq, at);
+        }
         at
     }
 }
@@ -203,10 +228,12 @@ impl Connector {
 
     /// Whether the relay may call `service_url` at all.
     pub fn allowed(&self, service_url: &str) -> bool {
-        self.cfg
-            .service_url_prefixes
-            .iter()
-            .any(|p| service_url.len() >= p.len() && service_url[..p.len()].eq_ignore_ascii_case(p))
+        self.cfg.service_url_prefixes.iter().any(|p| {
+            service_url
+                .as_bytes()
+                .get(..p.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(p.as_bytes()))
+        })
     }
 
     fn cached(&self) -> Option<String> {
@@ -292,10 +319,7 @@ impl Connector {
             // The token first: fetching one must not hold a request back past its slot.
             let token = self.token().await?;
             if let Some((conversation, tenant)) = pace {
-                let at = self
-                    .pacer
-                    .reserve(conversation, PER_CONVERSATION)
-                    .max(self.pacer.reserve(tenant, PER_TENANT));
+                let at = self.pacer.reserve(conversation, tenant);
                 tokio::time::sleep_until(at.into()).await;
             }
             let mut req = self.http.request(method.clone(), &url).bearer_auth(&token);
@@ -438,7 +462,7 @@ mod tests {
     fn pacing_keeps_within_every_window() {
         let p = Pacer::default();
         let start = Instant::now();
-        let slots: Vec<Instant> = (0..20).map(|_| p.reserve("c", PER_CONVERSATION)).collect();
+        let slots: Vec<Instant> = (0..20).map(|_| p.reserve("c", "t")).collect();
         // 7 in the first second, then the 2-second window allows 8 in 2 s.
         for (i, s) in slots.iter().enumerate() {
             for (window, max) in PER_CONVERSATION {
@@ -452,7 +476,11 @@ mod tests {
         assert!(slots[6].duration_since(start) < Duration::from_millis(50));
         assert!(slots[7].duration_since(start) >= Duration::from_secs(1));
         // Another conversation is not held back.
-        assert!(p.reserve("d", PER_CONVERSATION).duration_since(start) < Duration::from_millis(50));
+        assert!(p.reserve("d", "t2").duration_since(start) < Duration::from_millis(50));
+        // A tenant's 50 per second hold across its conversations.
+        let spread: Vec<Instant> = (0..60).map(|i| p.reserve(&format!("c{i}"), "t3")).collect();
+        assert!(spread[49].duration_since(start) < Duration::from_millis(50));
+        assert!(spread[50].duration_since(start) >= Duration::from_secs(1));
     }
 
     #[test]
@@ -471,6 +499,7 @@ mod tests {
         assert!(c.allowed("https://smba.trafficmanager.net/amer/"));
         assert!(!c.allowed("https://smba.trafficmanager.net.evil.example/"));
         assert!(!c.allowed("http://smba.trafficmanager.net/amer/"));
+        assert!(!c.allowed("https://smba.traffic€"));
         assert_eq!(
             path_segment("19:abc@thread.tacv2;messageid=1"),
             "19%3Aabc%40thread.tacv2%3Bmessageid%3D1"

@@ -349,8 +349,9 @@ pub fn from_text(t: &v1::Text) -> String {
 }
 
 /// Removes the `<at>…</at>` mentions of the bot (by its display name) from a message text,
-/// leaving other mentions as their names.
-pub fn strip_mentions(text: &str, bot_names: &[&str]) -> String {
+/// leaving other mentions as their names. Returns the text and whether the bot was mentioned.
+pub fn strip_mentions(text: &str, bot_names: &[&str]) -> (String, bool) {
+    let mut mentioned = false;
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     loop {
@@ -369,15 +370,17 @@ pub fn strip_mentions(text: &str, bot_names: &[&str]) -> String {
         };
         out.push_str(&rest[..open]);
         let name = decode_entities(&rest[gt + 1..close]);
-        if !bot_names
+        if bot_names
             .iter()
             .any(|b| b.eq_ignore_ascii_case(name.trim()))
         {
+            mentioned = true;
+        } else {
             out.push_str(&escape(&name));
         }
         rest = &rest[close + 5..];
     }
-    out
+    (out, mentioned)
 }
 
 /// The whole of [`to_text`], [`quoted_item_id`] and [`strip_mentions`] on arbitrary input,
@@ -449,13 +452,13 @@ mod tests {
 
     #[test]
     fn bot_mentions_are_stripped() {
-        assert_eq!(
-            strip_mentions("<at>fedrelay</at> invite bob@b.example", &["fedrelay"]).trim(),
-            "invite bob@b.example"
-        );
+        let (text, mentioned) =
+            strip_mentions("<at>fedrelay</at> invite bob@b.example", &["fedrelay"]);
+        assert_eq!(text.trim(), "invite bob@b.example");
+        assert!(mentioned);
         assert_eq!(
             strip_mentions("hi <at>Alice</at>", &["fedrelay"]),
-            "hi Alice"
+            ("hi Alice".to_string(), false)
         );
     }
 }

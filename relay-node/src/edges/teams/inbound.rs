@@ -4,7 +4,7 @@
 //! token's `serviceUrl` and endorsements against it → the tenant → what it is. Every
 //! refusal is a 4xx with a JSON message and no side effect.
 
-use super::activity::{Activity, Scope};
+use super::activity::{Activity, ChannelAccount, Scope};
 use super::commands::{self, Addr, Command};
 use super::html;
 use super::state::{Channel, Contact, ContactState, TeamsUser, Thread};
@@ -261,6 +261,12 @@ impl Ctx<'_> {
                 "the activity has no `from`",
             ));
         };
+        self.account(from, self.a.scope() == Scope::Personal).await
+    }
+
+    /// The Teams user behind an account of this activity's tenant. `personal`: the activity
+    /// is in their chat with the bot, whose conversation is then where they are reached.
+    async fn account(&self, from: &ChannelAccount, personal: bool) -> Result<TeamsUser, Response> {
         let Some(aad) = from.aad_object_id.as_deref().filter(|s| !s.is_empty()) else {
             return Err(error(
                 StatusCode::BAD_REQUEST,
@@ -269,12 +275,13 @@ impl Ctx<'_> {
             ));
         };
         let st = &self.edge.state;
-        let personal = self.a.scope() == Scope::Personal;
         let known = match st.user_by_aad(&self.tenant, aad).await {
             Ok(Some(user)) => st
                 .user(&self.domain, &user)
                 .await
-                .map_err(|_| unavailable())?,
+                .map_err(|_| unavailable())?
+                // A record is only ever this account's.
+                .filter(|u| u.aad == aad),
             Ok(None) => None,
             Err(_) => return Err(unavailable()),
         };
@@ -316,18 +323,36 @@ impl Ctx<'_> {
             .chars()
             .filter(|c| !c.is_whitespace() && !c.is_control())
             .collect();
+        let tag: String = aad
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(8)
+            .collect::<String>()
+            .to_ascii_lowercase();
         let base = if local.is_empty() {
-            format!("user-{}", &aad[..aad.len().min(8)])
+            format!("user-{tag}")
         } else {
             local
         };
-        // Two accounts of a tenant may share a local part (two UPN domains): keep both apart.
-        let user = match st.user(&self.domain, &base).await {
-            Ok(Some(other)) if other.aad != aad => {
-                format!("{base}.{}", &aad[..aad.len().min(8)])
+        // Two accounts of a tenant may share a local part (two UPN domains): the first to
+        // claim it keeps it, atomically across nodes; the other gets a suffix.
+        let mut user = None;
+        for candidate in [base.clone(), format!("{base}.{tag}")] {
+            match st.claim_name(&self.domain, &candidate, aad).await {
+                Ok(true) => {
+                    user = Some(candidate);
+                    break;
+                }
+                Ok(false) => {}
+                Err(_) => return Err(unavailable()),
             }
-            Ok(_) => base,
-            Err(_) => return Err(unavailable()),
+        }
+        let Some(user) = user else {
+            return Err(error(
+                StatusCode::CONFLICT,
+                "address_taken",
+                "no relay address is free for this account",
+            ));
         };
         let u = TeamsUser {
             user,
@@ -385,7 +410,14 @@ impl Ctx<'_> {
         let key = channel_key(&id);
         let st = &self.edge.state;
         match st.channel(&key).await {
-            Ok(Some(c)) => Ok(c),
+            Ok(Some(mut c)) => {
+                // The latest serviceUrl of an authenticated activity is where it is reached.
+                if c.service_url != self.a.service_url {
+                    c.service_url = self.a.service_url.clone();
+                    st.put_channel(&c).await.map_err(|_| unavailable())?;
+                }
+                Ok(c)
+            }
             Ok(None) => {
                 let c = Channel {
                     key,
@@ -416,6 +448,17 @@ impl Ctx<'_> {
                 let a = Addr::parse(&addr)?;
                 Some(Address::new(platform, a.domain, a.user))
             })
+            .collect())
+    }
+
+    /// The outside members of a channel its domain may still talk to (the policy may have
+    /// changed since they were invited).
+    async fn reachable_members(&self, key: &str) -> Result<Vec<Address>, Response> {
+        Ok(self
+            .channel_members(key)
+            .await?
+            .into_iter()
+            .filter(|m| self.edge.policy.check(&self.domain, &m.domain).is_ok())
             .collect())
     }
 
@@ -495,6 +538,13 @@ impl Ctx<'_> {
                 .say("I work in a chat with me and in team channels, not in group chats. Chat with me directly to reach people outside your organisation.")
                 .await;
         }
+        if self.a.id.as_deref().is_none_or(str::is_empty) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "a message activity without an id",
+            );
+        }
         let u = match self.sender().await {
             Ok(u) => u,
             Err(r) => return r,
@@ -504,11 +554,13 @@ impl Ctx<'_> {
         if let Some(cmd) = self.card_command() {
             return self.command(&u, cmd).await;
         }
-        let bot_names = [self.edge.cfg.bot_name.as_str()];
-        let raw = self.a.html_body().unwrap_or("");
-        let body = html::strip_mentions(raw, &bot_names);
-        let text = html::to_text(&body);
-        if let Some(cmd) = commands::parse(&text.plain) {
+        let (text, mentioned) = self.text();
+        let channel = self.a.scope() == Scope::Channel;
+        // In a channel, only what mentions the bot is a command: with every channel message
+        // delivered (resource-specific consent), ordinary talk is relayed, never parsed.
+        if (!channel || mentioned)
+            && let Some(cmd) = commands::parse(&text.plain)
+        {
             return match cmd {
                 Ok(cmd) => self.command(&u, cmd).await,
                 Err(usage) => {
@@ -523,6 +575,12 @@ impl Ctx<'_> {
         }
         let dest = match self.destination(&u).await {
             Ok(Some(d)) => d,
+            Ok(None) if channel && mentioned => {
+                return self
+                    .say("Nobody outside your organisation is in this channel yet: <code>invite user@domain</code> brings someone in.")
+                    .await;
+            }
+            Ok(None) if channel => return ok(),
             Ok(None) => {
                 return self
                     .say("Who is this for? Reply to one of your contacts' messages, or write <code>chat user@domain</code> first, or <code>to user@domain message</code>. <code>help</code> lists everything.")
@@ -607,7 +665,7 @@ impl Ctx<'_> {
     async fn destination(&self, u: &TeamsUser) -> Result<Option<Dest>, Response> {
         if self.a.scope() == Scope::Channel {
             let c = self.channel().await?;
-            let members = self.channel_members(&c.key).await?;
+            let members = self.reachable_members(&c.key).await?;
             if members.is_empty() {
                 return Ok(None);
             }
@@ -690,6 +748,22 @@ impl Ctx<'_> {
         out
     }
 
+    /// The activity's rich text with the bot's mentions removed, and whether it mentioned
+    /// the bot (by name, or by a mention entity naming the bot's id).
+    fn text(&self) -> (v1::Text, bool) {
+        let bot_names = [self.edge.cfg.bot_name.as_str()];
+        let (body, by_name) = html::strip_mentions(self.a.html_body().unwrap_or(""), &bot_names);
+        let bot = self.bot_id();
+        let by_entity = self.a.entities.iter().any(|e| {
+            e.get("type").and_then(Value::as_str) == Some("mention")
+                && e.get("mentioned")
+                    .and_then(|m| m.get("id"))
+                    .and_then(Value::as_str)
+                    == Some(bot.as_str())
+        });
+        (html::to_text(&body), by_name || by_entity)
+    }
+
     /// A command from an Action.Submit button (`value: {"fedrelay": "accept", "address": …}`).
     fn card_command(&self) -> Option<Command> {
         let v = self.a.value.as_ref()?;
@@ -741,6 +815,24 @@ impl Ctx<'_> {
             Ok(a) => a,
             Err(e) => return self.refuse(u, &to, &e).await,
         };
+        let st = &self.edge.state;
+        let prev = match st.contact(&u.domain, &u.user, &to.to_string()).await {
+            Ok(p) => p,
+            Err(_) => return unavailable(),
+        };
+        match prev.map(|c| c.state) {
+            // Inviting someone who already asked is accepting them.
+            Some(ContactState::Requested) => return self.answer(u, Some(to), true).await.1,
+            Some(ContactState::Accepted) => {
+                return self
+                    .say(&format!(
+                        "You and <b>{}</b> are already connected.",
+                        html::escape(&to.to_string())
+                    ))
+                    .await;
+            }
+            _ => {}
+        }
         let me = TeamsEdge::address_of(u);
         let native = self
             .a
@@ -764,21 +856,8 @@ impl Ctx<'_> {
             note: String::new(),
             email: String::new(),
         };
-        let st = &self.edge.state;
-        let prev = st
-            .contact(&u.domain, &u.user, &to.to_string())
-            .await
-            .ok()
-            .flatten();
-        // Inviting someone who already asked is accepting them.
-        let keep = prev.filter(|c| c.state == ContactState::Accepted);
         if st
-            .put_contact(
-                &u.domain,
-                &u.user,
-                &to.to_string(),
-                keep.as_ref().unwrap_or(&contact),
-            )
+            .put_contact(&u.domain, &u.user, &to.to_string(), &contact)
             .await
             .is_err()
         {
@@ -808,7 +887,10 @@ impl Ctx<'_> {
                 .iter()
                 .find(|(k, _)| *k == a.to_string())
                 .cloned()
-                .ok_or(format!("There is no pending request from {}.", a)),
+                .ok_or(format!(
+                    "There is no pending request from {}.",
+                    html::escape(&a.to_string())
+                )),
             None if pending.len() == 1 => pending.first().cloned().ok_or_default(),
             None if pending.is_empty() => Err("There is no pending contact request.".into()),
             None => Err(format!(
@@ -1156,7 +1238,7 @@ impl Ctx<'_> {
             return Ok(None);
         };
         if let Some(c) = channel {
-            let members = self.channel_members(&c.key).await?;
+            let members = self.reachable_members(&c.key).await?;
             return Ok((!members.is_empty()).then_some(Dest::Channel {
                 key: c.key,
                 members,
@@ -1268,16 +1350,28 @@ impl Ctx<'_> {
             Ok(None) => return ok(),
             Err(r) => return r,
         };
-        let bot_names = [self.edge.cfg.bot_name.as_str()];
-        let text = html::to_text(&html::strip_mentions(
-            self.a.html_body().unwrap_or(""),
-            &bot_names,
-        ));
+        let (mut text, mentioned) = self.text();
+        // An edited `to user@domain text` is an edit of the text; other commands are not
+        // messages, and editing them changes nothing.
+        if self.a.scope() != Scope::Channel || mentioned {
+            match commands::parse(&text.plain) {
+                Some(Ok(Command::To { text: t, .. })) => text = html::to_text(&html::escape(&t)),
+                Some(_) => return ok(),
+                None => {}
+            }
+        }
         if text.plain.is_empty() {
             return ok();
         }
-        // Each edit of a message is its own event: its text makes it unique.
-        let native = format!("{id}:{kind}:{}", short_hash(&text.plain));
+        // Each edit of a message is its own event: the time Teams gives it (else its text)
+        // makes it unique.
+        let when = self
+            .a
+            .timestamp
+            .clone()
+            .filter(|t| !t.is_empty() && t.len() <= 64)
+            .unwrap_or_else(|| short_hash(&text.plain));
+        let native = format!("{id}:{kind}:{when}");
         let env = self.envelope_to(
             &u,
             &dest,
@@ -1323,7 +1417,14 @@ impl Ctx<'_> {
         let env = self.envelope_to(
             &u,
             &dest,
-            format!("{id}:delete"),
+            format!(
+                "{id}:delete:{}",
+                self.a
+                    .timestamp
+                    .as_deref()
+                    .filter(|t| !t.is_empty() && t.len() <= 64)
+                    .unwrap_or("")
+            ),
             v1::envelope::Body::Delete(v1::Delete {
                 target: Some(v1::MessageRef {
                     relay_msg_id: String::new(),
@@ -1386,14 +1487,24 @@ impl Ctx<'_> {
                 Ok(_) => self.say(CHANNEL_HELP).await,
                 Err(r) => r,
             },
-            (Scope::Channel, "remove") => match self.a.channel() {
-                Some((id, _)) => match self.edge.state.forget_channel(&channel_key(&id)).await {
-                    Ok(()) => ok(),
-                    Err(_) => unavailable(),
-                },
-                None => ok(),
-            },
+            (Scope::Channel, "remove") => self.forget_team().await,
             _ => ok(),
+        }
+    }
+
+    /// The bot left a team, or the team was deleted: every channel of it is forgotten.
+    async fn forget_team(&self) -> Response {
+        let st = &self.edge.state;
+        let result = match self.a.team() {
+            Some(t) => st.forget_team(&t.id).await,
+            None => match self.a.channel() {
+                Some((id, _)) => st.forget_channel(&channel_key(&id)).await,
+                None => Ok(()),
+            },
+        };
+        match result {
+            Ok(()) => ok(),
+            Err(_) => unavailable(),
         }
     }
 
@@ -1407,13 +1518,21 @@ impl Ctx<'_> {
                 Ok(_) => ok(),
                 Err(r) => r,
             },
-            Scope::Channel if bot_removed => match self.a.channel() {
-                Some((id, _)) => match self.edge.state.forget_channel(&channel_key(&id)).await {
-                    Ok(()) => ok(),
-                    Err(_) => unavailable(),
-                },
-                None => ok(),
-            },
+            Scope::Channel if bot_removed => self.forget_team().await,
+            Scope::Channel if self.a.event_type() == Some("teamDeleted") => {
+                self.forget_team().await
+            }
+            Scope::Channel if self.a.event_type() == Some("channelDeleted") => {
+                match self.a.channel() {
+                    Some((id, _)) => {
+                        match self.edge.state.forget_channel(&channel_key(&id)).await {
+                            Ok(()) => ok(),
+                            Err(_) => unavailable(),
+                        }
+                    }
+                    None => ok(),
+                }
+            }
             Scope::Channel if bot_added => match self.channel().await {
                 Ok(_) => ok(),
                 Err(r) => r,
@@ -1423,17 +1542,34 @@ impl Ctx<'_> {
         }
     }
 
-    /// Team members joined or left: the channel's outside members are told.
+    /// Team members joined or left: the outside members of the team's channels are told.
     async fn team_members_changed(&self) -> Response {
-        let c = match self.channel().await {
+        if self.a.members_added.is_empty() && self.a.members_removed.is_empty() {
+            return ok();
+        }
+        let here = match self.channel().await {
             Ok(c) => c,
             Err(r) => return r,
         };
-        let members = match self.channel_members(&c.key).await {
-            Ok(m) => m,
-            Err(r) => return r,
+        let st = &self.edge.state;
+        let keys = match self.a.team() {
+            Some(t) => match st.team_channels(&t.id).await {
+                Ok(k) => k,
+                Err(_) => return unavailable(),
+            },
+            None => vec![here.key.clone()],
         };
-        if members.is_empty() {
+        let mut channels = Vec::new();
+        for key in keys {
+            let members = match self.reachable_members(&key).await {
+                Ok(m) => m,
+                Err(r) => return r,
+            };
+            if !members.is_empty() {
+                channels.push((key, members));
+            }
+        }
+        if channels.is_empty() {
             return ok();
         }
         let changes = self
@@ -1451,32 +1587,43 @@ impl Ctx<'_> {
             if self.is_bot(&m.id) {
                 continue;
             }
-            let Some(aad) = m.aad_object_id.as_deref() else {
+            let Some(aad) = m.aad_object_id.as_deref().filter(|a| !a.is_empty()) else {
                 continue;
             };
-            let Ok(Some(user)) = self.edge.state.user_by_aad(&self.tenant, aad).await else {
-                continue;
+            let who = if change == v1::membership::Change::Left {
+                // Someone who left can no longer be looked up: only a known user is named.
+                match st.user_by_aad(&self.tenant, aad).await {
+                    Ok(Some(user)) => Address::new("teams", self.domain.clone(), user),
+                    Ok(None) => continue,
+                    Err(_) => return unavailable(),
+                }
+            } else {
+                match self.account(m, false).await {
+                    Ok(u) => TeamsEdge::address_of(&u),
+                    Err(r) => return r,
+                }
             };
-            let who = Address::new("teams", self.domain.clone(), user);
-            let mut env = TeamsEdge::envelope(
-                &who,
-                &who,
-                format!(
-                    "member:{}:{}:{}",
-                    self.a.id.clone().unwrap_or_default(),
-                    m.id,
-                    change as i32
-                ),
-                v1::envelope::Body::Membership(v1::Membership {
-                    channel_id: format!("#{}@{}", c.key, c.domain),
-                    change: change as i32,
-                }),
-            );
-            env.session_id = SessionId::channel("teams", &c.key).0.to_vec();
-            env.recipients = members.clone();
-            if let Err(e) = self.edge.submit(env).await {
-                debug!(code = e.code(), "membership change not journaled");
-                return unavailable();
+            for (key, members) in &channels {
+                let mut env = TeamsEdge::envelope(
+                    &who,
+                    &who,
+                    format!(
+                        "member:{}:{}:{}",
+                        self.a.id.clone().unwrap_or_default(),
+                        m.id,
+                        change as i32
+                    ),
+                    v1::envelope::Body::Membership(v1::Membership {
+                        channel_id: format!("#{key}@{}", self.domain),
+                        change: change as i32,
+                    }),
+                );
+                env.session_id = SessionId::channel("teams", key).0.to_vec();
+                env.recipients = members.clone();
+                if let Err(e) = self.edge.submit(env).await {
+                    debug!(code = e.code(), "membership change not journaled");
+                    return unavailable();
+                }
             }
         }
         ok()
@@ -1593,7 +1740,7 @@ pub fn fuzz_activity(data: &[u8]) -> bool {
     let _ = a.channel();
     let _ = a.quoted_message();
     if let Some(h) = a.html_body() {
-        let t = html::to_text(&html::strip_mentions(h, &["fedrelay"]));
+        let t = html::to_text(&html::strip_mentions(h, &["fedrelay"]).0);
         let _ = commands::parse(&t.plain);
     }
     if let Some(v) = &a.value {

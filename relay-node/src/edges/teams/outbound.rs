@@ -87,13 +87,15 @@ fn availability_name(p: &v1::Presence) -> &'static str {
 /// An Adaptive Card with Accept / Decline buttons for a contact request.
 fn request_card(from: &Address, note: &str) -> Value {
     let who = addr(from);
+    // TextRuns, unlike TextBlocks, render no Markdown: what the sender wrote stays text.
     let mut body = vec![json!({
-        "type": "TextBlock",
-        "text": format!("{who} ({}) wants to connect with you.", platform_label(&from.platform)),
-        "wrap": true,
+        "type": "RichTextBlock",
+        "inlines": [{"type": "TextRun",
+                     "text": format!("{who} ({}) wants to connect with you.", platform_label(&from.platform))}],
     })];
     if !note.is_empty() {
-        body.push(json!({"type": "TextBlock", "text": note, "wrap": true, "isSubtle": true}));
+        body.push(json!({"type": "RichTextBlock",
+                         "inlines": [{"type": "TextRun", "text": note, "isSubtle": true}]}));
     }
     json!([{
         "contentType": "application/vnd.microsoft.card.adaptive",
@@ -121,8 +123,36 @@ impl TeamsEdge {
     ) -> Result<Vec<Option<String>>, DeliveryError> {
         let target = self.target(recipient).await?;
         let mut out = Vec::with_capacity(batch.len());
+        let channel = recipient.user.strip_prefix('#');
+        let members: Vec<String> = match channel {
+            Some(key) => self
+                .state
+                .members(key)
+                .await
+                .map_err(internal)?
+                .into_iter()
+                .map(|(a, _)| a)
+                .collect(),
+            None => Vec::new(),
+        };
         for env in batch {
+            // Only the channel's outside members write into it. A refusal fails the batch;
+            // the session then delivers one by one and returns an error to this sender only.
+            if channel.is_some()
+                && !env
+                    .sender
+                    .as_ref()
+                    .is_some_and(|s| members.contains(&addr(s)))
+            {
+                return Err(DeliveryError::permanent(
+                    "teams_not_member",
+                    "the sender is not a member of that channel",
+                ));
+            }
             out.push(self.deliver_one(&target, env).await?);
+            if let Some(key) = channel {
+                self.forward_in_channel(key, env).await?;
+            }
             let kind = env.body.as_ref().map(|b| b.kind()).unwrap_or("unknown");
             metrics::counter!("fedrelay_messages_out_total", "edge" => "teams", "kind" => kind)
                 .increment(1);
@@ -137,6 +167,7 @@ impl TeamsEdge {
                 .channel(key)
                 .await
                 .map_err(internal)?
+                .filter(|c| c.domain.eq_ignore_ascii_case(&recipient.domain))
                 .ok_or_else(|| {
                     DeliveryError::permanent("teams_no_channel", "the bot is not in that channel")
                 })?;
@@ -149,9 +180,10 @@ impl TeamsEdge {
             });
         }
         let domain = recipient.domain.to_ascii_lowercase();
+        // Teams users' relay names are lowercase.
         let u = self
             .state
-            .user(&domain, &recipient.user)
+            .user(&domain, &recipient.user.to_ascii_lowercase())
             .await
             .map_err(internal)?
             .filter(|u| !u.conversation.is_empty())
@@ -396,8 +428,23 @@ impl TeamsEdge {
                 .await
             }
             Body::ContactResponse(c) => {
+                // Only an answer to the Teams user's own invitation counts: an unasked-for
+                // "accepted" must not make its sender a contact or take over the chat.
+                let invited = match &t.user {
+                    Some((d, u)) => self
+                        .state
+                        .contact(d, u, &addr(&sender))
+                        .await
+                        .map_err(internal)?
+                        .is_some_and(|c| c.state == ContactState::Invited),
+                    None => false,
+                };
+                if !invited {
+                    debug!("contact response without an invitation ignored");
+                    return Ok(None);
+                }
                 let accepted = c.accepted;
-                self.update_contact(t, &sender, Some(ContactState::Invited), |contact| {
+                self.update_contact(t, &sender, None, |contact| {
                     contact.state = if accepted {
                         ContactState::Accepted
                     } else {
@@ -480,6 +527,74 @@ impl TeamsEdge {
                     html::escape(&e.detail)
                 );
                 self.post_once(t, env, &html, None).await
+            }
+        }
+    }
+
+    /// An outside member's message to a channel also reaches the channel's other outside
+    /// members (those whose domain may talk to the sender's): as a copy in the channel's
+    /// session, from the same sender. The copy's origin id is derived from the original's
+    /// relay id, so a retried delivery journals it once; edits, deletes and reactions name
+    /// the copy of their target the same way.
+    async fn forward_in_channel(&self, key: &str, env: &Envelope) -> Result<(), DeliveryError> {
+        use v1::envelope::Body;
+        let Some(sender) = env.sender.as_ref().filter(|s| s.platform != "teams") else {
+            return Ok(());
+        };
+        let mut body = match &env.body {
+            Some(
+                b @ (Body::Text(_)
+                | Body::File(_)
+                | Body::Edit(_)
+                | Body::Delete(_)
+                | Body::Reaction(_)),
+            ) => b.clone(),
+            _ => return Ok(()),
+        };
+        let members = self.state.members(key).await.map_err(internal)?;
+        let sender_key = addr(sender);
+        let recipients: Vec<Address> = members
+            .into_iter()
+            .filter(|(a, _)| *a != sender_key)
+            .filter_map(|(a, platform)| {
+                let (user, d) = a.rsplit_once('@')?;
+                self.policy
+                    .check(&sender.domain.to_ascii_lowercase(), d)
+                    .ok()?;
+                Some(Address::new(platform, d, user))
+            })
+            .collect();
+        if recipients.is_empty() {
+            return Ok(());
+        }
+        if let Some(target) = body.target_mut() {
+            let original = std::mem::take(&mut target.relay_msg_id);
+            target.native_id = format!("fwd:{original}");
+        }
+        let copy = Envelope {
+            session_id: env.session_id.clone(),
+            relay_msg_id: String::new(),
+            origin: Some(v1::Origin {
+                platform: "teams".into(),
+                native_id: format!("fwd:{}", env.relay_msg_id),
+            }),
+            sender: Some(sender.clone()),
+            recipients,
+            sent_at_ms: env.sent_at_ms,
+            trace_context: None,
+            seq: 0,
+            body: Some(body),
+        };
+        match self.submit(copy).await {
+            Ok(_) => Ok(()),
+            // The target was never forwarded (sent before the member joined): nothing to change.
+            Err(session_actor::SessionError::UnknownTarget) => Ok(()),
+            Err(e) => {
+                debug!(code = e.code(), "channel copy not journaled yet");
+                Err(DeliveryError::internal(
+                    "teams_channel_copy",
+                    "the copy for the channel's other members was not journaled",
+                ))
             }
         }
     }

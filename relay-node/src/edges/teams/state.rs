@@ -5,11 +5,14 @@
 //!   email, the bot conversation and its `serviceUrl`, the focused contact, a set status.
 //! - `<p>:t:aad:<tenant>` — Entra object id → user part.
 //! - `<p>:t:c:<domain>/<user>` — the user's contacts: address → state, name, presence.
-//! - `<p>:t:m:<conversation>` — `a:<activity id>` → the contact or channel a message was
-//!   with, `r:<relay msg id>` → the activity the relay posted for it (so a retried delivery
-//!   is not posted twice). Expires 30 days after the last write.
+//! - `<p>:t:names:<domain>` — user part → Entra object id: who holds each name.
+//! - `<p>:t:m:<conversation>:<bucket>` — `a:<activity id>` → the contact or channel a message
+//!   was with, `r:<relay msg id>` → the activity the relay posted for it (so a retried
+//!   delivery is not posted twice). In 30-day buckets, each expiring 60 days after its last
+//!   write.
 //! - `<p>:t:ch:<channel key>` — a channel the bot is in: conversation, `serviceUrl`, name,
 //!   team, and `m:<address>` for each external member.
+//! - `<p>:t:team:<team id>` — the keys of the team's channels the bot has seen.
 //!
 //! Names, emails and addresses are kept; message content never is.
 
@@ -37,6 +40,8 @@ pub trait Kv: Send + Sync + 'static {
         ttl: Option<Duration>,
     ) -> Result<(), StateError>;
     async fn del(&self, key: &str, field: &str) -> Result<(), StateError>;
+    /// Sets `field` only if it is not set; returns the value it holds afterwards.
+    async fn claim(&self, key: &str, field: &str, value: &str) -> Result<String, StateError>;
     async fn all(&self, key: &str) -> Result<HashMap<String, String>, StateError>;
     async fn remove(&self, key: &str) -> Result<(), StateError>;
 }
@@ -93,6 +98,16 @@ impl Kv for MemoryKv {
                 h.remove(field);
             }
         })
+    }
+    async fn claim(&self, key: &str, field: &str, value: &str) -> Result<String, StateError> {
+        self.with(key, |_| ())?;
+        let mut map = self.map.lock().map_err(|_| StateError("poisoned".into()))?;
+        let entry = map.entry(key.to_string()).or_default();
+        Ok(entry
+            .0
+            .entry(field.to_string())
+            .or_insert_with(|| value.to_string())
+            .clone())
     }
     async fn all(&self, key: &str) -> Result<HashMap<String, String>, StateError> {
         self.with(key, |h| h.cloned().unwrap_or_default())
@@ -160,6 +175,22 @@ impl Kv for RedisKv {
             .query_async::<()>(&mut c)
             .await
             .map_err(redis_err)
+    }
+    async fn claim(&self, key: &str, field: &str, value: &str) -> Result<String, StateError> {
+        let mut c = self.conn.clone();
+        let (_, held): (i64, Option<String>) = redis::pipe()
+            .atomic()
+            .cmd("HSETNX")
+            .arg(key)
+            .arg(field)
+            .arg(value)
+            .cmd("HGET")
+            .arg(key)
+            .arg(field)
+            .query_async(&mut c)
+            .await
+            .map_err(redis_err)?;
+        Ok(held.unwrap_or_default())
     }
     async fn all(&self, key: &str) -> Result<HashMap<String, String>, StateError> {
         let mut c = self.conn.clone();
@@ -240,7 +271,18 @@ pub struct Channel {
     pub team: String,
 }
 
-const MESSAGE_TTL: Duration = Duration::from_secs(30 * 86_400);
+/// The message map is kept in 30-day buckets: writes go to the current one, reads look in
+/// it and the one before, and a bucket expires 60 days after its last write. So a mapping
+/// lives at least 30 days and a busy conversation's map does not grow forever.
+const BUCKET_SECS: u64 = 30 * 86_400;
+const BUCKET_TTL: Duration = Duration::from_secs(2 * BUCKET_SECS);
+
+fn bucket_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() / BUCKET_SECS)
+        .unwrap_or(0)
+}
 
 pub struct TeamsState {
     kv: Box<dyn Kv>,
@@ -272,8 +314,59 @@ impl TeamsState {
     fn aad_key(&self, tenant: &str) -> String {
         format!("{}:t:aad:{tenant}", self.prefix)
     }
-    fn messages_key(&self, conversation: &str) -> String {
-        format!("{}:t:m:{conversation}", self.prefix)
+    fn messages_key(&self, conversation: &str, bucket: u64) -> String {
+        format!("{}:t:m:{conversation}:{bucket}", self.prefix)
+    }
+    fn names_key(&self, domain: &str) -> String {
+        format!("{}:t:names:{domain}", self.prefix)
+    }
+    fn team_key(&self, team: &str) -> String {
+        format!("{}:t:team:{team}", self.prefix)
+    }
+
+    async fn message_get(
+        &self,
+        conversation: &str,
+        field: &str,
+    ) -> Result<Option<String>, StateError> {
+        let now = bucket_now();
+        for b in [now, now.saturating_sub(1)] {
+            if let Some(v) = self
+                .kv
+                .get(&self.messages_key(conversation, b), field)
+                .await?
+            {
+                return Ok(Some(v));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn message_set(
+        &self,
+        conversation: &str,
+        field: &str,
+        value: &str,
+    ) -> Result<(), StateError> {
+        self.kv
+            .set(
+                &self.messages_key(conversation, bucket_now()),
+                field,
+                value,
+                Some(BUCKET_TTL),
+            )
+            .await
+    }
+
+    /// Claims the user part `user` of `domain` for the Entra object id `aad`, atomically
+    /// across nodes; returns whether `aad` holds it.
+    pub async fn claim_name(
+        &self,
+        domain: &str,
+        user: &str,
+        aad: &str,
+    ) -> Result<bool, StateError> {
+        Ok(self.kv.claim(&self.names_key(domain), user, aad).await? == aad)
     }
     fn channel_key(&self, key: &str) -> String {
         format!("{}:t:ch:{key}", self.prefix)
@@ -304,7 +397,12 @@ impl TeamsState {
     pub async fn forget_conversation(&self, domain: &str, user: &str) -> Result<(), StateError> {
         if let Some(mut u) = self.user(domain, user).await? {
             if !u.conversation.is_empty() {
-                self.kv.remove(&self.messages_key(&u.conversation)).await?;
+                let now = bucket_now();
+                for b in [now, now.saturating_sub(1)] {
+                    self.kv
+                        .remove(&self.messages_key(&u.conversation, b))
+                        .await?;
+                }
             }
             u.conversation.clear();
             u.service_url.clear();
@@ -393,8 +491,7 @@ impl TeamsState {
         activity: &str,
     ) -> Result<Option<Thread>, StateError> {
         Ok(parse(
-            self.kv
-                .get(&self.messages_key(conversation), &format!("a:{activity}"))
+            self.message_get(conversation, &format!("a:{activity}"))
                 .await?,
         ))
     }
@@ -405,13 +502,7 @@ impl TeamsState {
         activity: &str,
         t: &Thread,
     ) -> Result<(), StateError> {
-        self.kv
-            .set(
-                &self.messages_key(conversation),
-                &format!("a:{activity}"),
-                &json(t)?,
-                Some(MESSAGE_TTL),
-            )
+        self.message_set(conversation, &format!("a:{activity}"), &json(t)?)
             .await
     }
 
@@ -421,11 +512,7 @@ impl TeamsState {
         conversation: &str,
         relay_msg_id: &str,
     ) -> Result<Option<String>, StateError> {
-        self.kv
-            .get(
-                &self.messages_key(conversation),
-                &format!("r:{relay_msg_id}"),
-            )
+        self.message_get(conversation, &format!("r:{relay_msg_id}"))
             .await
     }
 
@@ -435,13 +522,7 @@ impl TeamsState {
         relay_msg_id: &str,
         activity: &str,
     ) -> Result<(), StateError> {
-        self.kv
-            .set(
-                &self.messages_key(conversation),
-                &format!("r:{relay_msg_id}"),
-                activity,
-                Some(MESSAGE_TTL),
-            )
+        self.message_set(conversation, &format!("r:{relay_msg_id}"), activity)
             .await
     }
 
@@ -450,13 +531,43 @@ impl TeamsState {
     }
 
     pub async fn put_channel(&self, c: &Channel) -> Result<(), StateError> {
+        if !c.team.is_empty() {
+            self.kv
+                .set(&self.team_key(&c.team), &c.key, "1", None)
+                .await?;
+        }
         self.kv
             .set(&self.channel_key(&c.key), "channel", &json(c)?, None)
             .await
     }
 
     pub async fn forget_channel(&self, key: &str) -> Result<(), StateError> {
+        if let Some(c) = self.channel(key).await?
+            && !c.team.is_empty()
+        {
+            self.kv.del(&self.team_key(&c.team), key).await?;
+        }
         self.kv.remove(&self.channel_key(key)).await
+    }
+
+    /// The keys of the channels of a team the bot has seen.
+    pub async fn team_channels(&self, team: &str) -> Result<Vec<String>, StateError> {
+        let mut v: Vec<String> = self
+            .kv
+            .all(&self.team_key(team))
+            .await?
+            .into_keys()
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// Forgets every channel of a team (the bot was removed from it, or it was deleted).
+    pub async fn forget_team(&self, team: &str) -> Result<(), StateError> {
+        for key in self.team_channels(team).await? {
+            self.kv.remove(&self.channel_key(&key)).await?;
+        }
+        self.kv.remove(&self.team_key(team)).await
     }
 
     /// External members of a channel: address → platform.
