@@ -73,6 +73,23 @@ pub struct MemoryPresenceStore {
     requests: Mutex<HashMap<String, HashSet<Vec<u8>>>>,
 }
 
+/// Adds `member` to (or removes it from) the set of `owner` in `sets`.
+fn toggle(
+    sets: &Mutex<HashMap<String, HashSet<Vec<u8>>>>,
+    owner: &Address,
+    member: &Address,
+    on: bool,
+) -> Result<(), StoreError> {
+    let mut sets = sets.lock().map_err(poisoned)?;
+    let set = sets.entry(recipient_key(owner)).or_default();
+    if on {
+        set.insert(encode_addr(member));
+    } else {
+        set.remove(&encode_addr(member));
+    }
+    Ok(())
+}
+
 fn poisoned<T>(_: T) -> StoreError {
     StoreError::Unavailable("presence store poisoned".into())
 }
@@ -104,14 +121,7 @@ impl PresenceStore for MemoryPresenceStore {
         subscriber: &Address,
         on: bool,
     ) -> Result<(), StoreError> {
-        let mut subs = self.subs.lock().map_err(poisoned)?;
-        let set = subs.entry(recipient_key(publisher)).or_default();
-        if on {
-            set.insert(encode_addr(subscriber));
-        } else {
-            set.remove(&encode_addr(subscriber));
-        }
-        Ok(())
+        toggle(&self.subs, publisher, subscriber, on)
     }
 
     async fn set_requested(
@@ -120,14 +130,7 @@ impl PresenceStore for MemoryPresenceStore {
         target: &Address,
         on: bool,
     ) -> Result<(), StoreError> {
-        let mut r = self.requests.lock().map_err(poisoned)?;
-        let set = r.entry(recipient_key(target)).or_default();
-        if on {
-            set.insert(encode_addr(requester));
-        } else {
-            set.remove(&encode_addr(requester));
-        }
-        Ok(())
+        toggle(&self.requests, target, requester, on)
     }
 
     async fn requested(&self, requester: &Address, target: &Address) -> Result<bool, StoreError> {

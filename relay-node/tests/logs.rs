@@ -134,12 +134,7 @@ async fn check_no_content(
     }
     sink.wait_for(1, Duration::from_secs(10)).await?;
 
-    let metrics = c
-        .get(format!("{}/metrics", node.admin_url()))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = common::metrics(&c, &node.admin_url()).await?;
     ensure!(
         metrics.contains("fedrelay_messages_in_total"),
         "metrics are served"
@@ -253,12 +248,7 @@ async fn teams_content_never_reaches_logs_or_metrics() -> Result<()> {
                 >= 3
         })
         .await?;
-    let metrics = c
-        .get(format!("{}/metrics", rig.relay.admin_url()))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = common::metrics(&c, &rig.relay.admin_url()).await?;
     ensure!(
         metrics.contains("fedrelay_teams_activities_total"),
         "metrics are served"

@@ -55,6 +55,16 @@ async fn next_event(s: &mut Stream) -> Result<Value> {
     }
 }
 
+/// A rig with alice installed, a client, and b.example's stream from now on (bob's side).
+async fn with_alice() -> Result<(Rig, User, reqwest::Client, Stream)> {
+    let rig = teams::start("").await?;
+    let alice = User::new("alice", "Alice Anders", 1);
+    let c = client()?;
+    let bob = Stream::open(&c, &rig.relay.http_url(), "b.example", SECRET_B, Some("$")).await?;
+    teams::install(&rig, &alice).await?;
+    Ok((rig, alice, c, bob))
+}
+
 async fn bob_posts(base: &str, event: Value) -> Result<Value> {
     let c = client()?;
     let (status, v) = post(&c, base, "b.example", SECRET_B, &event).await?;
@@ -74,15 +84,10 @@ async fn alice_says(rig: &Rig, alice: &User, extra: Value) -> Result<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn teams_and_http_users_chat_with_everything() -> Result<()> {
-    let rig = teams::start("").await?;
-    let base = rig.relay.http_url();
-    let alice = User::new("alice", "Alice Anders", 1);
-    let conv = alice.conversation.clone();
-    let c = client()?;
-    let mut bob = Stream::open(&c, &base, "b.example", SECRET_B, Some("$")).await?;
-
     // Installing the bot: a welcome naming the user's relay address.
-    teams::install(&rig, &alice).await?;
+    let (rig, alice, _, mut bob) = with_alice().await?;
+    let base = rig.relay.http_url();
+    let conv = alice.conversation.clone();
     wait_post(&rig, &conv, &["alice@contoso.com", "invite"]).await?;
 
     // invite → a contact request on bob's side.
@@ -415,13 +420,9 @@ async fn teams_and_http_users_chat_with_everything() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contact_requests_from_outside_are_answered_in_teams() -> Result<()> {
-    let rig = teams::start("").await?;
+    let (rig, alice, c, mut bob) = with_alice().await?;
     let base = rig.relay.http_url();
-    let alice = User::new("alice", "Alice Anders", 1);
     let conv = alice.conversation.clone();
-    let c = client()?;
-    let mut bob = Stream::open(&c, &base, "b.example", SECRET_B, Some("$")).await?;
-    teams::install(&rig, &alice).await?;
 
     // Bob asks; Teams shows a card with Accept / Decline.
     bob_posts(
@@ -522,13 +523,9 @@ async fn contact_requests_from_outside_are_answered_in_teams() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_is_relayed_to_its_invited_outside_members() -> Result<()> {
-    let rig = teams::start("").await?;
+    let (rig, alice, c, mut outside) = with_alice().await?;
     let base = rig.relay.http_url();
-    let alice = User::new("alice", "Alice Anders", 1);
-    let c = client()?;
-    let mut outside = Stream::open(&c, &base, "b.example", SECRET_B, Some("$")).await?;
     let mut carol = Stream::open(&c, &base, "c.example", common::SECRET_C, Some("$")).await?;
-    teams::install(&rig, &alice).await?;
     let channel = "19:projectx@thread.tacv2";
     let in_channel = |text: &str| {
         teams::in_channel(
@@ -725,14 +722,10 @@ async fn a_channel_is_relayed_to_its_invited_outside_members() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_are_explained_and_nothing_is_relayed() -> Result<()> {
-    let rig = teams::start("").await?;
+    let (rig, alice, c, mut bob) = with_alice().await?;
     let base = rig.relay.http_url();
-    let alice = User::new("alice", "Alice Anders", 1);
     let conv = alice.conversation.clone();
-    let c = client()?;
-    let mut bob = Stream::open(&c, &base, "b.example", SECRET_B, Some("$")).await?;
     let mut dan = Stream::open(&c, &base, "d.example", common::SECRET_D, Some("$")).await?;
-    teams::install(&rig, &alice).await?;
 
     // No federation rule connects contoso.com and d.example: the bot says so.
     alice_says(&rig, &alice, json!({"text": "invite dan@d.example"})).await?;
@@ -774,12 +767,7 @@ async fn refusals_are_explained_and_nothing_is_relayed() -> Result<()> {
         &teams::personal(&rig, &alice, "somethingNew", json!({})),
     )
     .await?;
-    let metrics = c
-        .get(format!("{}/metrics", rig.relay.admin_url()))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = common::metrics(&c, &rig.relay.admin_url()).await?;
     ensure!(
         metrics
             .lines()

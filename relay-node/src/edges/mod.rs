@@ -10,6 +10,16 @@ use fedrelay_proto::{Address, Envelope};
 use session_actor::{DeliveryError, Outbound};
 use std::sync::Arc;
 
+/// Whether a request's `Content-Length` already says it is over `limit` (the body is then
+/// not read at all; one without the header is cut off at the limit while read).
+pub fn declared_too_large(headers: &axum::http::HeaderMap, limit: usize) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > limit)
+}
+
 /// The node's [`Outbound`]: sends each delivery to the edge of the recipient's platform.
 pub struct Edges {
     pub http: Arc<http::HttpOutbound>,

@@ -80,6 +80,15 @@ pub fn client() -> Result<reqwest::Client> {
         .build()?)
 }
 
+/// A node's `/metrics` text.
+pub async fn metrics(c: &reqwest::Client, admin_url: &str) -> Result<String> {
+    Ok(c.get(format!("{admin_url}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?)
+}
+
 /// A `POST /v1/events` of `body` with `content_type`, signed as `domain` at time `ts`.
 pub fn signed_request(
     c: &reqwest::Client,

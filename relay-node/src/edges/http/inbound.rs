@@ -119,11 +119,7 @@ async fn post_event(State(s): State<Arc<Inbound>>, headers: HeaderMap, body: Bod
 
 async fn handle_event(s: &Inbound, headers: HeaderMap, body: Body) -> Response {
     let limit = s.cfg.max_body_bytes;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
+    if crate::edges::declared_too_large(&headers, limit) {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",

@@ -398,20 +398,9 @@ impl Connector {
         activity_id: &str,
         activity: &Value,
     ) -> Result<(), ConnectorError> {
-        let path = format!(
-            "v3/conversations/{}/activities/{}",
-            path_segment(conversation),
-            path_segment(activity_id)
-        );
-        self.call(
-            reqwest::Method::PUT,
-            service_url,
-            &path,
-            Some(activity),
-            Some((conversation, tenant)),
-        )
-        .await
-        .map(|_| ())
+        let at = (service_url, conversation, tenant);
+        self.on_activity(reqwest::Method::PUT, at, activity_id, Some(activity))
+            .await
     }
 
     pub async fn delete(
@@ -421,16 +410,30 @@ impl Connector {
         tenant: &str,
         activity_id: &str,
     ) -> Result<(), ConnectorError> {
+        let at = (service_url, conversation, tenant);
+        self.on_activity(reqwest::Method::DELETE, at, activity_id, None)
+            .await
+    }
+
+    /// A call on one posted activity; `at` is (service URL, conversation, tenant).
+    async fn on_activity(
+        &self,
+        method: reqwest::Method,
+        at: (&str, &str, &str),
+        activity_id: &str,
+        body: Option<&Value>,
+    ) -> Result<(), ConnectorError> {
+        let (service_url, conversation, tenant) = at;
         let path = format!(
             "v3/conversations/{}/activities/{}",
             path_segment(conversation),
             path_segment(activity_id)
         );
         self.call(
-            reqwest::Method::DELETE,
+            method,
             service_url,
             &path,
-            None,
+            body,
             Some((conversation, tenant)),
         )
         .await

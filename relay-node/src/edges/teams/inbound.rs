@@ -86,11 +86,7 @@ async fn post_activity(
 
 async fn handle(edge: &TeamsEdge, headers: HeaderMap, body: Body) -> Response {
     let limit = edge.cfg.max_body_bytes;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
+    if crate::edges::declared_too_large(&headers, limit) {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
@@ -1108,27 +1104,11 @@ impl Ctx<'_> {
             Ok(c) => c,
             Err(r) => return r,
         };
-        if self
-            .edge
-            .state
-            .set_member(&c.key, &to.to_string(), Some(&addr.platform))
-            .await
-            .is_err()
-        {
-            return unavailable();
-        }
-        let me = TeamsEdge::address_of(u);
-        let mut env = TeamsEdge::envelope(
-            &me,
-            &addr,
-            format!("invite:{}", self.a.id.clone().unwrap_or_default()),
-            v1::envelope::Body::ChannelInvite(v1::ChannelInvite {
-                channel_id: format!("#{}@{}", c.key, c.domain),
-                channel_name: c.name.clone(),
-            }),
-        );
-        env.session_id = SessionId::channel("teams", &c.key).0.to_vec();
-        if let Err(r) = self.submit(env).await {
+        let invite = v1::envelope::Body::ChannelInvite(v1::ChannelInvite {
+            channel_id: format!("#{}@{}", c.key, c.domain),
+            channel_name: c.name.clone(),
+        });
+        if let Err(r) = self.change_member(u, &c, &addr, invite).await {
             return r;
         }
         self.say(&format!(
@@ -1159,27 +1139,11 @@ impl Ctx<'_> {
                 ))
                 .await;
         };
-        if self
-            .edge
-            .state
-            .set_member(&c.key, &a.to_string(), None)
-            .await
-            .is_err()
-        {
-            return unavailable();
-        }
-        let me = TeamsEdge::address_of(u);
-        let mut env = TeamsEdge::envelope(
-            &me,
-            &addr,
-            format!("remove:{}", self.a.id.clone().unwrap_or_default()),
-            v1::envelope::Body::Membership(v1::Membership {
-                channel_id: format!("#{}@{}", c.key, c.domain),
-                change: v1::membership::Change::Left as i32,
-            }),
-        );
-        env.session_id = SessionId::channel("teams", &c.key).0.to_vec();
-        if let Err(r) = self.submit(env).await {
+        let left = v1::envelope::Body::Membership(v1::Membership {
+            channel_id: format!("#{}@{}", c.key, c.domain),
+            change: v1::membership::Change::Left as i32,
+        });
+        if let Err(r) = self.change_member(u, &c, &addr, left).await {
             return r;
         }
         self.say(&format!(
@@ -1187,6 +1151,39 @@ impl Ctx<'_> {
             html::escape(&a.to_string())
         ))
         .await
+    }
+
+    /// Adds `to` to the outside members of `c` (a channel invite) or removes them (any
+    /// other body), and tells them in the channel's session.
+    async fn change_member(
+        &self,
+        u: &TeamsUser,
+        c: &Channel,
+        to: &Address,
+        body: v1::envelope::Body,
+    ) -> Result<(), Response> {
+        let joins = matches!(body, v1::envelope::Body::ChannelInvite(_));
+        self.edge
+            .state
+            .set_member(
+                &c.key,
+                &format!("{}@{}", to.user, to.domain),
+                joins.then_some(to.platform.as_str()),
+            )
+            .await
+            .map_err(|_| unavailable())?;
+        let mut env = TeamsEdge::envelope(
+            &TeamsEdge::address_of(u),
+            to,
+            format!(
+                "{}:{}",
+                if joins { "invite" } else { "remove" },
+                self.a.id.clone().unwrap_or_default()
+            ),
+            body,
+        );
+        env.session_id = SessionId::channel("teams", &c.key).0.to_vec();
+        self.submit(env).await
     }
 
     async fn channel_list(&self) -> Response {
@@ -1276,20 +1273,40 @@ impl Ctx<'_> {
         }
     }
 
-    async fn reaction(&self) -> Response {
-        let Some(target) = self.a.reply_to_id.clone().filter(|s| !s.is_empty()) else {
-            return error(
+    /// The sender and the destination of a reaction, edit or delete of message `target`
+    /// (`None`: a message the relay did not carry, to be ignored); 400 when there is no
+    /// target id.
+    async fn about(
+        &self,
+        target: Option<&String>,
+        what: &str,
+    ) -> Result<Option<(String, TeamsUser, Dest)>, Response> {
+        let Some(target) = target.filter(|s| !s.is_empty()).cloned() else {
+            return Err(error(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
-                "a reaction without replyToId",
-            );
+                format!("a {what} without the id of its message"),
+            ));
         };
-        let u = match self.sender().await {
-            Ok(u) => u,
-            Err(r) => return r,
-        };
-        let dest = match self.thread_for(&u, &target).await {
-            Ok(Some(d)) => d,
+        let u = self.sender().await?;
+        Ok(self
+            .thread_for(&u, &target)
+            .await?
+            .map(|dest| (target, u, dest)))
+    }
+
+    /// When Teams says the event happened: with the message id, it tells two edits (or an
+    /// undelete and a later delete) of one message apart.
+    fn event_time(&self) -> Option<&str> {
+        self.a
+            .timestamp
+            .as_deref()
+            .filter(|t| !t.is_empty() && t.len() <= 64)
+    }
+
+    async fn reaction(&self) -> Response {
+        let (target, u, dest) = match self.about(self.a.reply_to_id.as_ref(), "reaction").await {
+            Ok(Some(x)) => x,
             Ok(None) => return ok(),
             Err(r) => return r,
         };
@@ -1334,19 +1351,8 @@ impl Ctx<'_> {
         if kind != "editMessage" && kind != "undeleteMessage" {
             return ok();
         }
-        let Some(id) = self.a.id.clone().filter(|s| !s.is_empty()) else {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "an update without an id",
-            );
-        };
-        let u = match self.sender().await {
-            Ok(u) => u,
-            Err(r) => return r,
-        };
-        let dest = match self.thread_for(&u, &id).await {
-            Ok(Some(d)) => d,
+        let (id, u, dest) = match self.about(self.a.id.as_ref(), "update").await {
+            Ok(Some(x)) => x,
             Ok(None) => return ok(),
             Err(r) => return r,
         };
@@ -1366,10 +1372,8 @@ impl Ctx<'_> {
         // Each edit of a message is its own event: the time Teams gives it (else its text)
         // makes it unique.
         let when = self
-            .a
-            .timestamp
-            .clone()
-            .filter(|t| !t.is_empty() && t.len() <= 64)
+            .event_time()
+            .map(str::to_string)
             .unwrap_or_else(|| short_hash(&text.plain));
         let native = format!("{id}:{kind}:{when}");
         let env = self.envelope_to(
@@ -1398,33 +1402,15 @@ impl Ctx<'_> {
         {
             return ok();
         }
-        let Some(id) = self.a.id.clone().filter(|s| !s.is_empty()) else {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "a delete without an id",
-            );
-        };
-        let u = match self.sender().await {
-            Ok(u) => u,
-            Err(r) => return r,
-        };
-        let dest = match self.thread_for(&u, &id).await {
-            Ok(Some(d)) => d,
+        let (id, u, dest) = match self.about(self.a.id.as_ref(), "delete").await {
+            Ok(Some(x)) => x,
             Ok(None) => return ok(),
             Err(r) => return r,
         };
         let env = self.envelope_to(
             &u,
             &dest,
-            format!(
-                "{id}:delete:{}",
-                self.a
-                    .timestamp
-                    .as_deref()
-                    .filter(|t| !t.is_empty() && t.len() <= 64)
-                    .unwrap_or("")
-            ),
+            format!("{id}:delete:{}", self.event_time().unwrap_or("")),
             v1::envelope::Body::Delete(v1::Delete {
                 target: Some(v1::MessageRef {
                     relay_msg_id: String::new(),
