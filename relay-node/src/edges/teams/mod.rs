@@ -78,7 +78,7 @@ pub fn platform_label(p: &str) -> &str {
 }
 
 impl TeamsEdge {
-    /// The edge for `cfg`, or `None` when no domain is on Teams.
+    /// The edge for `cfg`, or `None` when it has no `[teams]` section.
     pub fn from_config(
         cfg: &Config,
         state: TeamsState,
