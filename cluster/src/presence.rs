@@ -176,6 +176,16 @@ impl RedisPresenceStore {
         let id = presence_session(user);
         format!("{}:p:{{{}}}:{what}", self.prefix, id.to_hex())
     }
+
+    /// Adds `member` to (or removes it from) the set at `key`.
+    async fn toggle(&self, key: String, member: &Address, on: bool) -> Result<(), StoreError> {
+        let _: u64 = redis::cmd(if on { "SADD" } else { "SREM" })
+            .arg(key)
+            .arg(encode_addr(member))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -220,12 +230,8 @@ impl PresenceStore for RedisPresenceStore {
         subscriber: &Address,
         on: bool,
     ) -> Result<(), StoreError> {
-        let _: u64 = redis::cmd(if on { "SADD" } else { "SREM" })
-            .arg(self.key(publisher, "subs"))
-            .arg(encode_addr(subscriber))
-            .query_async(&mut self.conn.clone())
-            .await?;
-        Ok(())
+        self.toggle(self.key(publisher, "subs"), subscriber, on)
+            .await
     }
 
     async fn set_requested(
@@ -234,12 +240,7 @@ impl PresenceStore for RedisPresenceStore {
         target: &Address,
         on: bool,
     ) -> Result<(), StoreError> {
-        let _: u64 = redis::cmd(if on { "SADD" } else { "SREM" })
-            .arg(self.key(target, "req"))
-            .arg(encode_addr(requester))
-            .query_async(&mut self.conn.clone())
-            .await?;
-        Ok(())
+        self.toggle(self.key(target, "req"), requester, on).await
     }
 
     async fn requested(&self, requester: &Address, target: &Address) -> Result<bool, StoreError> {

@@ -211,17 +211,8 @@ async fn teams_content_never_reaches_logs_or_metrics() -> Result<()> {
         json!({"attachments": [{"contentType": "text/html", "content": format!("<b>{CANARY}</b>")}]}),
     );
     teams::send_ok(&rig, &m).await?;
-    teams::send_ok(
-        &rig,
-        &teams::personal(
-            &rig,
-            &alice,
-            "messageUpdate",
-            json!({"id": m["id"], "text": format!("{CANARY} 2"),
-            "channelData": {"tenant": {"id": teams::TENANT}, "eventType": "editMessage"}}),
-        ),
-    )
-    .await?;
+    let edit = teams::edit(&rig, &alice, &m["id"], &format!("{CANARY} 2"));
+    teams::send_ok(&rig, &edit).await?;
     teams::send_ok(&rig, &say(format!("status away {CANARY}"), json!({}))).await?;
     for ev in [
         message("b1", "bob", "alice@contoso.com", CANARY),

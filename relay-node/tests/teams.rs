@@ -162,14 +162,7 @@ async fn teams_and_http_users_chat_with_everything() -> Result<()> {
     // Alice edits, then deletes, her message.
     teams::send_ok(
         &rig,
-        &teams::personal(
-            &rig,
-            &alice,
-            "messageUpdate",
-            json!({
-            "id": a1["id"], "text": "hi bob (edited)",
-            "channelData": {"tenant": {"id": teams::TENANT}, "eventType": "editMessage"}}),
-        ),
+        &teams::edit(&rig, &alice, &a1["id"], "hi bob (edited)"),
     )
     .await?;
     let e = next_event(&mut bob).await?;
@@ -349,14 +342,7 @@ async fn teams_and_http_users_chat_with_everything() -> Result<()> {
     // Editing such a message edits its text, not the command around it.
     teams::send_ok(
         &rig,
-        &teams::personal(
-            &rig,
-            &alice,
-            "messageUpdate",
-            json!({
-            "id": once["id"], "text": "to bob@b.example one-off, fixed",
-            "channelData": {"tenant": {"id": teams::TENANT}, "eventType": "editMessage"}}),
-        ),
+        &teams::edit(&rig, &alice, &once["id"], "to bob@b.example one-off, fixed"),
     )
     .await?;
     let e = next_event(&mut bob).await?;

@@ -207,6 +207,17 @@ fn merge(a: &mut Value, extra: Value) {
     }
 }
 
+/// `u`'s edit of their message `id` to `text` (a `messageUpdate` / `editMessage`).
+pub fn edit(rig: &Rig, u: &User, id: &Value, text: &str) -> Value {
+    personal(
+        rig,
+        u,
+        "messageUpdate",
+        json!({"id": id, "text": text,
+               "channelData": {"tenant": {"id": TENANT}, "eventType": "editMessage"}}),
+    )
+}
+
 /// Sends an activity signed as the Bot Connector signs it; returns status and body.
 pub async fn send(rig: &Rig, activity: &Value) -> Result<(u16, String)> {
     let token = rig.fake.token_for(activity);
