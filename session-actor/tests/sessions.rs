@@ -948,9 +948,22 @@ async fn a_push_on_one_node_wakes_the_streams_of_another() -> Result<()> {
             tokio::pin!(woken);
             woken.as_mut().enable();
             here.push("d.example", &[item]).await.ok()?;
-            tokio::time::timeout(Duration::from_millis(200), woken)
+            tokio::time::timeout(Duration::from_secs(1), woken)
                 .await
                 .ok()
+        }
+    })
+    .await?;
+    // A wake-up of an earlier push may still be on its way (its wait ran out on a busy
+    // machine): let them all arrive, until none has come for a while.
+    wait_for("the earlier pushes' wake-ups to have arrived", WAIT, || {
+        let signal = signal.clone();
+        async move {
+            let woken = signal.notified();
+            tokio::time::timeout(Duration::from_millis(300), woken)
+                .await
+                .is_err()
+                .then_some(())
         }
     })
     .await?;
