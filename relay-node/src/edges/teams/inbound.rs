@@ -887,8 +887,10 @@ impl Ctx<'_> {
                     "There is no pending request from {}.",
                     html::escape(&a.to_string())
                 )),
-            None if pending.len() == 1 => pending.first().cloned().ok_or_default(),
-            None if pending.is_empty() => Err("There is no pending contact request.".into()),
+            None if pending.len() <= 1 => pending
+                .first()
+                .cloned()
+                .ok_or_else(|| "There is no pending contact request.".to_string()),
             None => Err(format!(
                 "Several people are waiting: {}. Say which one, e.g. <code>accept {}</code>.",
                 pending
@@ -1702,16 +1704,6 @@ fn mime_of_extension(ext: &str) -> &'static str {
         "xlsx" => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
         "pptx" => "application/vnd.openxmlformats-officedocument.presentationml.presentation",
         _ => "application/octet-stream",
-    }
-}
-
-trait OkOrDefault<T> {
-    fn ok_or_default(self) -> Result<T, String>;
-}
-
-impl<T> OkOrDefault<T> for Option<T> {
-    fn ok_or_default(self) -> Result<T, String> {
-        self.ok_or_else(|| "There is no pending contact request.".to_string())
     }
 }
 
