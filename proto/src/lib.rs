@@ -11,6 +11,8 @@ pub mod v1 {
     tonic::include_proto!("fedrelay.v1");
 }
 
+pub mod session_id;
+
 pub use v1::{Address, Envelope, envelope::Body};
 
 impl v1::Address {

@@ -1,7 +1,6 @@
 //! Session ids and relay message ids.
 
 use fedrelay_proto::Address;
-use sha2::{Digest, Sha256};
 use std::fmt;
 
 /// A session's stable 128-bit id. Any edge on any node computes it with no lookup: for 1:1
@@ -12,28 +11,12 @@ pub struct SessionId(pub [u8; 16]);
 impl SessionId {
     /// The session of a 1:1 chat between `a` and `b` (order does not matter).
     pub fn one_to_one(a: &Address, b: &Address) -> Self {
-        let ka = canonical(a);
-        let kb = canonical(b);
-        let (lo, hi) = if ka <= kb { (ka, kb) } else { (kb, ka) };
-        Self::digest(&[b"1:1", lo.as_bytes(), hi.as_bytes()])
+        SessionId(fedrelay_proto::session_id::one_to_one(a, b))
     }
 
     /// The session of a channel, from the platform that owns it and its id there.
     pub fn channel(platform: &str, channel_id: &str) -> Self {
-        Self::digest(&[b"channel", platform.as_bytes(), channel_id.as_bytes()])
-    }
-
-    fn digest(parts: &[&[u8]]) -> Self {
-        let mut h = Sha256::new();
-        for p in parts {
-            // Length-prefix every part so no two different part lists hash alike.
-            h.update((p.len() as u64).to_be_bytes());
-            h.update(p);
-        }
-        let out = h.finalize();
-        let mut id = [0u8; 16];
-        id.copy_from_slice(&out[..16]);
-        SessionId(id)
+        SessionId(fedrelay_proto::session_id::channel(platform, channel_id))
     }
 
     /// Parses the 16 raw bytes carried in an envelope.
@@ -69,12 +52,7 @@ impl fmt::Debug for SessionId {
 /// Addresses compare case-insensitively on platform and domain; user parts are kept as given
 /// because some platforms (Slack ids, Teams AAD ids) are case-sensitive.
 fn canonical(a: &Address) -> String {
-    format!(
-        "{}\u{1f}{}\u{1f}{}",
-        a.platform.to_ascii_lowercase(),
-        a.domain.to_ascii_lowercase(),
-        a.user
-    )
+    fedrelay_proto::session_id::canonical(a)
 }
 
 /// The key that identifies a recipient inside a session (cursors, queues).
