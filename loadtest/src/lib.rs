@@ -1,23 +1,27 @@
 //! `relay-loadtest`: the fedrelay load-test harness. It drives relay nodes over the network
-//! only (the HTTP edge of `docs/http-edge.md`) and links no relay internals.
+//! only (the HTTP edge of `docs/http-edge.md`, or the session service's gRPC stream as an edge
+//! uses it) and links no relay internals, only the wire model.
 //!
 //! Where things live:
 //!
-//! - [`scenario`]: scenario kinds, users and peers, the open-loop arrival schedule, the tag
-//!   carried in each message's text, duration parsing (pure);
-//! - [`plan`]: the domains and secrets of a run, message bodies, domains of an existing
-//!   deployment (`--config-file`, `--domain`);
+//! - [`scenario`]: scenario kinds, protocols, users and who sends what to whom, the open-loop
+//!   arrival schedule, the tag carried in each event, duration parsing (pure);
+//! - [`plan`]: the domains and secrets of a run, event bodies and envelopes, presence set-up,
+//!   domains of an existing deployment (`--config-file`, `--domain`);
 //! - [`sign`]: HMAC-SHA256 request signing and webhook verification;
-//! - [`system`]: the embedded system (redis-server, relay-node, generated config, free ports,
-//!   readiness waits, kill on drop);
-//! - [`driver`]: the open-loop sender (hyper 1 keep-alive client, in-flight cap);
+//! - [`system`]: the embedded system (redis-server, etcd, relay-nodes, generated configs, free
+//!   ports, readiness waits, killing and adding nodes, kill on drop);
+//! - [`driver`]: the open-loop sender (HTTP keep-alive client or gRPC `Deliver` streams,
+//!   in-flight cap, fail-over retries);
 //! - [`sse`]: the incremental Server-Sent Events parser (pure);
 //! - [`receiver`]: SSE stream clients and the webhook sink;
-//! - [`contract`]: the delivery-contract checker (loss, duplicates, order) (pure);
+//! - [`contract`]: the delivery-contract checker (loss, duplicates, order; one recipient or
+//!   many) (pure);
 //! - [`live`]: the shared live state of a run (checker, histograms, time series);
 //! - [`stats`]: HDR percentiles, per-second series, `/proc` CPU and machine info;
 //! - [`report`]: `result.json`, SVG plots, the summary table, `compare`;
-//! - [`runner`]: orchestration of a run and of `find-max`.
+//! - [`tls`]: rustls for HTTPS targets and TLS/mTLS to the cluster's gRPC listeners;
+//! - [`runner`]: orchestration of a run (set-up, faults, sampling) and of `find-max`.
 
 pub mod contract;
 pub mod driver;
@@ -31,3 +35,4 @@ pub mod sign;
 pub mod sse;
 pub mod stats;
 pub mod system;
+pub mod tls;

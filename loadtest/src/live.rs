@@ -2,7 +2,7 @@
 //! progress display: the contract checker, the HDR histograms and the time series, behind one
 //! mutex that is never held across an `.await`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,8 @@ use crate::stats::{Percentiles, SecondPoint, TimeSeries, new_histogram, record_n
 /// The 202 answer of `POST /v1/events`.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 pub struct Accepted {
+    #[serde(default)]
+    pub relay_msg_id: Option<String>,
     #[serde(default)]
     pub session_id: Option<String>,
     #[serde(default)]
@@ -37,6 +39,28 @@ struct LiveState {
     accepted_measured: u64,
     received_in_window: u64,
     duplicate_flagged: u64,
+    /// Relay ids of accepted messages that later events refer to (mixed).
+    relay_ids: HashMap<u64, String>,
+    retries: RetryStats,
+    /// When each event that had to be retried first failed (ns after t0).
+    first_failure: HashMap<u64, u64>,
+    /// (first failure, acceptance) of every retried event that was accepted, ns after t0.
+    recoveries: Vec<(u64, u64)>,
+}
+
+/// Sends that failed and were tried again (with fault injection or `--retry-for`).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct RetryStats {
+    /// Extra attempts made.
+    pub attempts: u64,
+    /// Events that needed at least one.
+    pub events: u64,
+    /// Of those, accepted in the end.
+    pub recovered: u64,
+    /// The longest time from an event's first failure to its acceptance, ms.
+    pub max_recovery_ms: f64,
+    /// When the last retried event was accepted, ms after the start of sending.
+    pub last_recovered_at_ms: Option<f64>,
 }
 
 /// Numbers for the progress bar.
@@ -62,8 +86,12 @@ pub struct Snapshot {
     pub dispatched: u64,
     pub accepted_measured: u64,
     pub received_in_window: u64,
-    /// 202 answers that said `"duplicate": true` (event ids are unique, so none expected).
+    /// 202 answers that said `"duplicate": true` (event ids are unique, so none expected
+    /// unless a retry follows an acceptance whose answer was lost).
     pub duplicate_flagged: u64,
+    pub retries: RetryStats,
+    /// (first failure, acceptance) of every retried event that was accepted, ns after t0.
+    pub recoveries: Vec<(u64, u64)>,
 }
 
 /// Shared state of one run.
@@ -89,7 +117,7 @@ impl Shared {
         for i in 0..total {
             series.offered(plan.schedule.intended_ns(i));
         }
-        let checker = ContractChecker::new(plan.run_id.clone(), total);
+        let checker = ContractChecker::new(plan.run_id.clone(), total, plan.fan());
         Arc::new(Self {
             plan,
             t0,
@@ -104,6 +132,10 @@ impl Shared {
                 accepted_measured: 0,
                 received_in_window: 0,
                 duplicate_flagged: 0,
+                relay_ids: HashMap::new(),
+                retries: RetryStats::default(),
+                first_failure: HashMap::new(),
+                recoveries: Vec::new(),
             }),
         })
     }
@@ -126,7 +158,7 @@ impl Shared {
         self.lock().dispatched += 1;
     }
 
-    /// The POST of message `global` answered 202.
+    /// Event `global` was accepted (a 202, or an ok ack over gRPC).
     pub fn on_accepted(&self, global: u64, intended_ns: u64, a: &Accepted) {
         let mut s = self.lock();
         let now = self.now_ns();
@@ -139,17 +171,63 @@ impl Shared {
         if a.duplicate {
             s.duplicate_flagged += 1;
         }
-        s.checker
-            .on_accepted(global, a.session_id.as_deref(), a.seq);
+        if let Some(first) = s.first_failure.remove(&global) {
+            s.recoveries.push((first, now));
+            let r = &mut s.retries;
+            r.recovered += 1;
+            r.max_recovery_ms = r
+                .max_recovery_ms
+                .max(now.saturating_sub(first) as f64 / 1e6);
+            let at = now as f64 / 1e6;
+            r.last_recovered_at_ms = Some(r.last_recovered_at_ms.map_or(at, |x| x.max(at)));
+        }
+        let plan = &self.plan;
+        if plan.is_target(global)
+            && let Some(id) = &a.relay_msg_id
+        {
+            s.relay_ids.insert(global, id.clone());
+        }
+        let by_id = !plan.carries_tag(global);
+        let resolved =
+            s.checker
+                .on_accepted(global, a.session_id.as_deref(), a.seq, by_id, |g, d, to| {
+                    plan.is_recipient(g, d, to)
+                });
+        for (g, arrived) in resolved {
+            self.record_delivery(&mut s, g, arrived);
+        }
     }
 
-    /// The POST of message `global` failed; `label` is the status code or the kind of error.
+    /// The relay id of accepted event `global`, for events that refer to it.
+    pub fn relay_id(&self, global: u64) -> Option<String> {
+        self.lock().relay_ids.get(&global).cloned()
+    }
+
+    /// Event `global` is not sent: what it refers to was not accepted.
+    pub fn on_skipped(&self, global: u64) {
+        self.lock().checker.on_skipped(global);
+    }
+
+    /// An attempt to send event `global` failed and it will be tried again.
+    pub fn on_retry(&self, global: u64) {
+        let mut s = self.lock();
+        let now = self.now_ns();
+        s.retries.attempts += 1;
+        if let std::collections::hash_map::Entry::Vacant(e) = s.first_failure.entry(global) {
+            e.insert(now);
+            s.retries.events += 1;
+        }
+    }
+
+    /// The send of event `global` failed for good; `label` is the status code or the kind of
+    /// error.
     pub fn on_send_error(&self, global: u64, label: &str) {
         let mut s = self.lock();
         let now = self.now_ns();
         s.series.error(now);
         *s.send_errors.entry(label.to_owned()).or_insert(0) += 1;
         s.send_errors_total += 1;
+        s.first_failure.remove(&global);
         s.checker.on_send_failed(global);
     }
 
@@ -158,18 +236,25 @@ impl Shared {
         let mut s = self.lock();
         let now = self.now_ns();
         let plan = &self.plan;
-        let outcome = s.checker.on_received(domain, ev, |g| plan.expected(g));
-        if let Received::First { intended_ns, .. } = outcome {
-            let e2e = now.saturating_sub(intended_ns);
-            if self.in_window(intended_ns) {
-                record_ns(&mut s.e2e, e2e);
-            }
-            if self.in_window(now) {
-                s.received_in_window += 1;
-            }
-            s.series.received(now, e2e);
+        let outcome = s
+            .checker
+            .on_received(domain, ev, now, |g, d, to| plan.is_recipient(g, d, to));
+        if let Received::First { global } = outcome {
+            self.record_delivery(&mut s, global, now);
         }
         outcome
+    }
+
+    fn record_delivery(&self, s: &mut LiveState, global: u64, arrived_ns: u64) {
+        let intended_ns = self.plan.schedule.intended_ns(global);
+        let e2e = arrived_ns.saturating_sub(intended_ns);
+        if self.in_window(intended_ns) {
+            record_ns(&mut s.e2e, e2e);
+        }
+        if self.in_window(arrived_ns) {
+            s.received_in_window += 1;
+        }
+        s.series.received(arrived_ns, e2e);
     }
 
     /// Accepted messages not received yet.
@@ -179,11 +264,11 @@ impl Shared {
 
     pub fn progress(&self) -> Progress {
         let s = self.lock();
-        let c = s.checker.report();
+        let (accepted, received) = s.checker.accepted_and_received();
         Progress {
             dispatched: s.dispatched,
-            accepted: c.accepted,
-            received: c.received_unique,
+            accepted,
+            received,
             errors: s.send_errors_total,
             e2e_p99_ms: if s.e2e.is_empty() {
                 0.0
@@ -207,6 +292,8 @@ impl Shared {
             accepted_measured: s.accepted_measured,
             received_in_window: s.received_in_window,
             duplicate_flagged: s.duplicate_flagged,
+            retries: s.retries,
+            recoveries: s.recoveries.clone(),
         }
     }
 
@@ -232,18 +319,23 @@ mod tests {
     use crate::scenario::{ScenarioKind, Schedule, domain_name};
 
     fn shared() -> anyhow::Result<Arc<Shared>> {
-        let plan = Plan {
-            run_id: "r".into(),
-            domains: (0..2)
+        let shape = crate::scenario::Shape {
+            domains: 2,
+            users: 2,
+            ..Default::default()
+        };
+        let plan = Plan::new(
+            "r".into(),
+            (0..2)
                 .map(|i| DomainSpec {
                     name: domain_name(i),
                     secret: "s".into(),
                 })
                 .collect(),
-            workload: ScenarioKind::OneToOne.workload(2, 2)?,
-            schedule: Schedule::new(1000.0, Duration::from_millis(1), Duration::from_secs(3600))?,
-            start_unix_ms: 0,
-        };
+            ScenarioKind::OneToOne.workload(&shape)?,
+            Schedule::new(1000.0, Duration::from_millis(1), Duration::from_secs(3600))?,
+            0,
+        );
         // t0 in the past so "now" lies in the measured window.
         let t0 = Instant::now()
             .checked_sub(Duration::from_secs(1))
@@ -262,6 +354,7 @@ mod tests {
                 g,
                 intended,
                 &Accepted {
+                    relay_msg_id: None,
                     session_id: Some("s".into()),
                     seq: Some(g + 1),
                     duplicate: false,
@@ -270,7 +363,8 @@ mod tests {
         }
         assert_eq!(sh.outstanding(), 2);
         for g in [0u64, 5] {
-            let (_, recipient, _) = sh.plan.workload.message(g);
+            let ev = sh.plan.workload.event(g);
+            let recipient = sh.plan.workload.recipients(&ev)[0];
             let domain = sh.plan.workload.users[recipient].domain;
             let ev = DeliveredEvent {
                 session_id: "s".into(),
@@ -279,6 +373,7 @@ mod tests {
                 from: None,
                 to: Some(sh.plan.address(recipient)),
                 text: Some(sh.plan.tag(g).to_text()),
+                note: None,
             };
             assert!(matches!(sh.on_event(domain, &ev), Received::First { .. }));
         }
@@ -298,6 +393,21 @@ mod tests {
         assert_eq!(snap.send_errors.get("503"), Some(&2));
         assert_eq!(snap.send_errors_total, 3);
         assert_eq!(sh.progress().errors, 3);
+        Ok(())
+    }
+
+    #[test]
+    fn retries_count_until_accepted() -> anyhow::Result<()> {
+        let sh = shared()?;
+        sh.on_retry(3);
+        sh.on_retry(3);
+        sh.on_retry(4);
+        sh.on_accepted(3, sh.plan.schedule.intended_ns(3), &Accepted::default());
+        sh.on_send_error(4, "503");
+        let r = sh.snapshot().retries;
+        assert_eq!((r.attempts, r.events, r.recovered), (3, 2, 1));
+        assert!(r.last_recovered_at_ms.is_some_and(|t| t >= 1000.0), "{r:?}");
+        assert!(r.max_recovery_ms >= 0.0);
         Ok(())
     }
 }

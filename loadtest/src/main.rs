@@ -1,6 +1,6 @@
 //! The `relay-loadtest` command line. All logic lives in the library; this file parses flags,
-//! prints, and maps outcomes to exit codes (0 ok, 1 contract failed / no passing rate,
-//! 2 error or interrupted).
+//! prints, and maps outcomes to exit codes (0 ok, 1 contract failed, nothing accepted or no
+//! passing rate, 2 error or interrupted).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::net::SocketAddr;
@@ -19,10 +19,12 @@ use relay_loadtest::plan::{DomainSpec, domains_from_relay_config, parse_domain_f
 use relay_loadtest::receiver::ReceiveMode;
 use relay_loadtest::report::{compare, compare_text, summary_text};
 use relay_loadtest::runner::{
-    DeploymentSpec, FindMaxOptions, RunOptions, default_out_dir, find_max, run_and_report,
+    DeploymentSpec, Faults, FindMaxOptions, RunOptions, default_out_dir, find_max, run_and_report,
 };
-use relay_loadtest::scenario::{ScenarioKind, parse_duration};
-use relay_loadtest::system::StoreKind;
+use relay_loadtest::scenario::{Protocol, ScenarioKind, Shape, parse_duration};
+use relay_loadtest::system::{ClusterMode, StoreKind};
+use relay_loadtest::tls::TlsFiles;
+use serde::Deserialize;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -39,9 +41,9 @@ struct Cli {
 enum Cmd {
     /// Run a scenario once and write result.json, SVG plots and a summary.
     Run {
-        /// The scenario to run.
+        /// The scenario to run (or `scenario = "..."` in --file).
         #[arg(value_enum)]
-        scenario: ScenarioKind,
+        scenario: Option<ScenarioKind>,
         #[command(flatten)]
         args: RunArgs,
     },
@@ -78,41 +80,100 @@ fn dur(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| format!("{e:#}"))
 }
 
-/// Flags shared by `run` and `find-max`.
-#[derive(Debug, Args)]
+/// Flags shared by `run` and `find-max`. Every one may also come from a scenario file
+/// (`--file`, TOML, the same names with `_` for `-`); a flag given on the command line wins.
+#[derive(Debug, Args, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct RunArgs {
-    /// Simulated users (pairs of them chat 1:1, so users/2 sessions).
-    #[arg(long, default_value_t = 1000)]
-    users: usize,
+    /// A scenario file: TOML with `scenario = "fan-out"` and any of these options.
+    #[arg(long)]
+    #[serde(skip)]
+    file: Option<PathBuf>,
+    /// How to send: signed events on the HTTP edge, or envelopes straight into the session
+    /// service over gRPC (fan-out: grpc only; presence-storm: http only).
+    #[arg(long, value_enum)]
+    protocol: Option<Protocol>,
+    /// 1:1 scenarios: simulated users (pairs of them chat, so users/2 sessions; default 1000).
+    #[arg(long)]
+    users: Option<usize>,
+    /// fan-out: channels, one sender each (default 1).
+    #[arg(long)]
+    channels: Option<usize>,
+    /// fan-out: members of every channel, spread over the domains (default 1000).
+    #[arg(long)]
+    members: Option<usize>,
+    /// presence-storm: users who flap their presence (default 100).
+    #[arg(long)]
+    publishers: Option<usize>,
+    /// presence-storm: followers of every publisher (default 100).
+    #[arg(long)]
+    subscribers: Option<usize>,
     /// HTTP-edge domains d0.loadtest.example... (embedded, default 4); with --target, use the
     /// first N domains given (default all).
     #[arg(long)]
     domains: Option<usize>,
-    /// Offered load in messages per second, open loop (run: default 2000; find-max: the
-    /// starting rate, default 500).
+    /// Offered load in events per second, open loop (run: default 2000, fan-out 20,
+    /// presence-storm 100, soak 500; find-max: the starting rate, default 500).
     #[arg(long)]
     rate: Option<f64>,
-    /// Measured duration after the warmup, e.g. 30s, 2m (run: default 20s; find-max: per
-    /// step, default 8s).
+    /// Measured duration after the warmup, e.g. 30s, 2m (run: default 20s, soak 10m;
+    /// find-max: per step, default 8s).
     #[arg(long, value_parser = dur)]
+    #[serde(default, deserialize_with = "de_dur")]
     duration: Option<Duration>,
-    /// Warmup before the measured window; sent and checked, but excluded from statistics.
-    #[arg(long, value_parser = dur, default_value = "2s")]
-    warmup: Duration,
+    /// Warmup before the measured window; sent and checked, but excluded from statistics
+    /// (default 2s).
+    #[arg(long, value_parser = dur)]
+    #[serde(default, deserialize_with = "de_dur")]
+    warmup: Option<Duration>,
     /// Cap on requests in flight; a request delayed by the cap still counts latency from its
-    /// intended send time.
-    #[arg(long, default_value_t = 4096)]
-    max_inflight: usize,
-    /// How long to wait, after the last POST answered, for accepted messages to arrive before
-    /// counting them lost.
-    #[arg(long, value_parser = dur, default_value = "10s")]
-    drain_timeout: Duration,
-    /// Timeout of one POST /v1/events.
-    #[arg(long, value_parser = dur, default_value = "10s")]
-    request_timeout: Duration,
-    /// How the harness receives: SSE GET /v1/stream per domain, or a local webhook sink.
-    #[arg(long, value_enum, default_value = "stream")]
-    receive: ReceiveMode,
+    /// intended send time (default 4096).
+    #[arg(long)]
+    max_inflight: Option<usize>,
+    /// How long to wait, after the last send answered, for accepted events to arrive before
+    /// counting them lost (default 10s).
+    #[arg(long, value_parser = dur)]
+    #[serde(default, deserialize_with = "de_dur")]
+    drain_timeout: Option<Duration>,
+    /// Timeout of one send (default 10s).
+    #[arg(long, value_parser = dur)]
+    #[serde(default, deserialize_with = "de_dur")]
+    request_timeout: Option<Duration>,
+    /// Retry a send that failed transiently (connection refused, 503, a closed stream) on the
+    /// next node for this long (default 0s, or 30s with fault injection).
+    #[arg(long, value_parser = dur)]
+    #[serde(default, deserialize_with = "de_dur")]
+    retry_for: Option<Duration>,
+    /// How the harness receives: SSE GET /v1/stream per domain, or a local webhook sink
+    /// (default stream).
+    #[arg(long, value_enum)]
+    receive: Option<ReceiveMode>,
+    /// Embedded only: relay nodes (default 1). More than one runs a cluster: etcd membership
+    /// and the Redis store.
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Embedded only: membership of the nodes (default: etcd with more than one node or with
+    /// fault injection, else static). `etcd` with one node makes 1-node and 3-node runs
+    /// comparable.
+    #[arg(long, value_enum)]
+    membership: Option<MembershipArg>,
+    /// Embedded only: the lease TTL of etcd membership (how soon a killed node's sessions
+    /// move; default 5s).
+    #[arg(long, value_parser = dur)]
+    #[serde(default, deserialize_with = "de_dur")]
+    lease_ttl: Option<Duration>,
+    /// Embedded only: SIGKILL the newest node this long after sending starts.
+    #[arg(long, value_parser = dur)]
+    #[serde(default, deserialize_with = "de_dur")]
+    kill_node_after: Option<Duration>,
+    /// Embedded only: start one more node this long after sending starts.
+    #[arg(long, value_parser = dur)]
+    #[serde(default, deserialize_with = "de_dur")]
+    add_node_after: Option<Duration>,
+    /// Embedded only: an environment override for every node, KEY=VALUE (repeatable), e.g.
+    /// FEDRELAY_RUNTIME__WORKER_THREADS=1.
+    #[arg(long = "node-env")]
+    node_env: Vec<String>,
     /// Embedded only: the relay's store (default redis, started on a free port).
     #[arg(long, value_enum)]
     store: Option<StoreKind>,
@@ -122,95 +183,295 @@ struct RunArgs {
     /// Embedded only: the redis-server binary (default: PATH).
     #[arg(long)]
     redis_bin: Option<PathBuf>,
-    /// Drive an existing deployment's HTTP edge (http://host:port) instead of starting one.
+    /// Embedded only: the etcd binary (default: PATH, /usr/bin/etcd).
     #[arg(long)]
-    target: Option<String>,
+    etcd_bin: Option<PathBuf>,
+    /// Drive an existing deployment's HTTP edge (http://host:port) instead of starting one;
+    /// repeat it for several nodes (sends go round robin, and fail over).
+    #[arg(long)]
+    target: Vec<String>,
+    /// With --target and --protocol grpc: a node's cluster gRPC listener (http://host:7443);
+    /// repeatable.
+    #[arg(long)]
+    grpc_target: Vec<String>,
+    /// With --target: PEM CA certificates to trust for https:// targets (besides the system's)
+    /// and for https:// gRPC targets.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// With --grpc-target https://…: the client certificate (PEM) for the cluster's mTLS.
+    #[arg(long)]
+    grpc_tls_cert: Option<PathBuf>,
+    /// With --grpc-tls-cert: its key (PEM).
+    #[arg(long)]
+    grpc_tls_key: Option<PathBuf>,
+    /// The name in the gRPC servers' certificates (the cluster's `tls_server_name`), when it is
+    /// not the target's host.
+    #[arg(long)]
+    grpc_tls_server_name: Option<String>,
     /// With --target: its admin listener (http://host:port), polled for /readyz first.
-    #[arg(long, requires = "target")]
+    #[arg(long)]
     admin: Option<String>,
     /// With --target: the deployment's relay config file; its [[domains]] with
     /// platform = "http" (name, secret or secret_file) are the domains the harness plays.
-    #[arg(long, requires = "target")]
+    #[arg(long)]
     config_file: Option<PathBuf>,
     /// With --target: a domain to play, NAME=SECRET (repeatable; instead of --config-file).
-    #[arg(long = "domain", requires = "target")]
+    #[arg(long = "domain")]
     domain: Vec<String>,
     /// With --target and --receive webhook: where the sink listens; the relay's webhook_url
     /// for each domain must be http://ADDR/hook.
-    #[arg(long, requires = "target")]
+    #[arg(long)]
     webhook_listen: Option<SocketAddr>,
-    /// Deadline for redis, the relay's /readyz and the SSE streams to come up.
-    #[arg(long, value_parser = dur, default_value = "30s")]
-    ready_timeout: Duration,
+    /// Deadline for redis, etcd, the relays' /readyz and the SSE streams to come up (default
+    /// 30s).
+    #[arg(long, value_parser = dur)]
+    #[serde(default, deserialize_with = "de_dur")]
+    ready_timeout: Option<Duration>,
     /// Output directory (default loadtest-results/<scenario>-<UTC timestamp>).
     #[arg(long)]
     out: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
+    #[serde(default)]
     quiet: bool,
+    /// In a scenario file: the scenario to run.
+    #[arg(skip)]
+    scenario: Option<ScenarioKind>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum MembershipArg {
+    Static,
+    Etcd,
+}
+
+fn de_dur<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    s.map(|s| parse_duration(&s).map_err(serde::de::Error::custom))
+        .transpose()
 }
 
 impl RunArgs {
-    fn deployment(&self) -> Result<DeploymentSpec> {
-        match &self.target {
-            None => Ok(DeploymentSpec::Embedded {
-                store: self.store.unwrap_or(StoreKind::Redis),
-                relay_bin: self.relay_bin.clone(),
-                redis_bin: self.redis_bin.clone(),
-                domains: self.domains.unwrap_or(4),
-            }),
-            Some(target) => {
-                if self.store.is_some() || self.relay_bin.is_some() || self.redis_bin.is_some() {
-                    bail!(
-                        "--store, --relay-bin and --redis-bin apply to the embedded system only, not --target"
-                    );
-                }
-                let mut domains: Vec<DomainSpec> = match &self.config_file {
-                    Some(p) => domains_from_relay_config(p)?,
-                    None => Vec::new(),
-                };
-                for d in &self.domain {
-                    domains.push(parse_domain_flag(d)?);
-                }
-                if domains.is_empty() {
-                    bail!(
-                        "--target needs the domains to play: --config-file RELAY_CONFIG or --domain NAME=SECRET (twice or more)"
-                    );
-                }
-                if let Some(n) = self.domains {
-                    if n > domains.len() {
-                        bail!(
-                            "--domains {n} but only {} domains were given",
-                            domains.len()
-                        );
-                    }
-                    domains.truncate(n);
-                }
-                Ok(DeploymentSpec::Target {
-                    target: target.clone(),
-                    admin: self.admin.clone(),
-                    domains,
-                    webhook_listen: self.webhook_listen,
-                })
-            }
+    /// Fills what the command line left out from `--file`.
+    fn with_file(mut self) -> Result<Self> {
+        let Some(path) = self.file.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let f: RunArgs = toml::from_str(&text)
+            .with_context(|| format!("parsing scenario file {}", path.display()))?;
+        self.protocol = self.protocol.or(f.protocol);
+        self.users = self.users.or(f.users);
+        self.channels = self.channels.or(f.channels);
+        self.members = self.members.or(f.members);
+        self.publishers = self.publishers.or(f.publishers);
+        self.subscribers = self.subscribers.or(f.subscribers);
+        self.domains = self.domains.or(f.domains);
+        self.rate = self.rate.or(f.rate);
+        self.duration = self.duration.or(f.duration);
+        self.warmup = self.warmup.or(f.warmup);
+        self.max_inflight = self.max_inflight.or(f.max_inflight);
+        self.drain_timeout = self.drain_timeout.or(f.drain_timeout);
+        self.request_timeout = self.request_timeout.or(f.request_timeout);
+        self.retry_for = self.retry_for.or(f.retry_for);
+        self.receive = self.receive.or(f.receive);
+        self.nodes = self.nodes.or(f.nodes);
+        self.membership = self.membership.or(f.membership);
+        self.lease_ttl = self.lease_ttl.or(f.lease_ttl);
+        self.kill_node_after = self.kill_node_after.or(f.kill_node_after);
+        self.add_node_after = self.add_node_after.or(f.add_node_after);
+        if self.node_env.is_empty() {
+            self.node_env = f.node_env;
+        }
+        self.store = self.store.or(f.store);
+        self.relay_bin = self.relay_bin.or(f.relay_bin);
+        self.redis_bin = self.redis_bin.or(f.redis_bin);
+        self.etcd_bin = self.etcd_bin.or(f.etcd_bin);
+        if self.target.is_empty() {
+            self.target = f.target;
+        }
+        if self.grpc_target.is_empty() {
+            self.grpc_target = f.grpc_target;
+        }
+        self.admin = self.admin.or(f.admin);
+        self.tls_ca = self.tls_ca.or(f.tls_ca);
+        self.grpc_tls_cert = self.grpc_tls_cert.or(f.grpc_tls_cert);
+        self.grpc_tls_key = self.grpc_tls_key.or(f.grpc_tls_key);
+        self.grpc_tls_server_name = self.grpc_tls_server_name.or(f.grpc_tls_server_name);
+        self.config_file = self.config_file.or(f.config_file);
+        if self.domain.is_empty() {
+            self.domain = f.domain;
+        }
+        self.webhook_listen = self.webhook_listen.or(f.webhook_listen);
+        self.ready_timeout = self.ready_timeout.or(f.ready_timeout);
+        self.out = self.out.or(f.out);
+        self.quiet |= f.quiet;
+        self.scenario = f.scenario;
+        Ok(self)
+    }
+
+    fn faults(&self) -> Faults {
+        Faults {
+            kill_node_after: self.kill_node_after,
+            add_node_after: self.add_node_after,
         }
     }
 
-    fn options(
-        &self,
-        scenario: ScenarioKind,
-        default_rate: f64,
-        default_duration: Duration,
-    ) -> RunOptions {
+    fn ready_timeout(&self) -> Duration {
+        self.ready_timeout.unwrap_or(Duration::from_secs(30))
+    }
+
+    fn receive(&self) -> ReceiveMode {
+        self.receive.unwrap_or(ReceiveMode::Stream)
+    }
+
+    fn deployment(&self, protocol: Protocol) -> Result<DeploymentSpec> {
+        if self.target.is_empty() {
+            if !self.grpc_target.is_empty()
+                || self.admin.is_some()
+                || self.tls_ca.is_some()
+                || self.grpc_tls_cert.is_some()
+                || self.grpc_tls_key.is_some()
+                || self.grpc_tls_server_name.is_some()
+                || self.config_file.is_some()
+                || !self.domain.is_empty()
+                || self.webhook_listen.is_some()
+            {
+                bail!(
+                    "--grpc-target, --admin, --tls-ca, --grpc-tls-*, --config-file, --domain and --webhook-listen go with --target"
+                );
+            }
+            let nodes = self.nodes.unwrap_or(1);
+            if nodes == 0 {
+                bail!("--nodes must be at least 1");
+            }
+            let etcd = match self.membership {
+                Some(MembershipArg::Etcd) => true,
+                Some(MembershipArg::Static) => {
+                    if nodes > 1 || self.faults().any() {
+                        bail!("more than one node, and fault injection, need --membership etcd");
+                    }
+                    false
+                }
+                None => nodes > 1 || self.faults().any(),
+            };
+            let cluster = if etcd {
+                ClusterMode::Etcd {
+                    lease_ttl_secs: self.lease_ttl.map_or(5, |d| d.as_secs()),
+                }
+            } else if protocol == Protocol::Grpc {
+                ClusterMode::Static
+            } else {
+                ClusterMode::None
+            };
+            let node_env = self
+                .node_env
+                .iter()
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+                    _ => bail!("--node-env takes KEY=VALUE (got {kv:?})"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(DeploymentSpec::Embedded {
+                store: self.store.unwrap_or(StoreKind::Redis),
+                relay_bin: self.relay_bin.clone(),
+                redis_bin: self.redis_bin.clone(),
+                etcd_bin: self.etcd_bin.clone(),
+                domains: self.domains.unwrap_or(4),
+                nodes,
+                cluster,
+                node_env,
+            });
+        }
+        if self.store.is_some()
+            || self.relay_bin.is_some()
+            || self.redis_bin.is_some()
+            || self.etcd_bin.is_some()
+            || self.nodes.is_some()
+            || self.membership.is_some()
+            || self.lease_ttl.is_some()
+            || !self.node_env.is_empty()
+            || self.faults().any()
+        {
+            bail!(
+                "--store, --relay-bin, --redis-bin, --etcd-bin, --nodes, --membership, --lease-ttl, \
+                 --node-env and fault injection apply to the embedded system only, not --target"
+            );
+        }
+        if protocol == Protocol::Grpc && self.grpc_target.is_empty() {
+            bail!("--protocol grpc with --target needs --grpc-target http://NODE:7443");
+        }
+        let mut domains: Vec<DomainSpec> = match &self.config_file {
+            Some(p) => domains_from_relay_config(p)?,
+            None => Vec::new(),
+        };
+        for d in &self.domain {
+            domains.push(parse_domain_flag(d)?);
+        }
+        if domains.is_empty() {
+            bail!(
+                "--target needs the domains to play: --config-file RELAY_CONFIG or --domain NAME=SECRET (twice or more)"
+            );
+        }
+        if let Some(n) = self.domains {
+            if n > domains.len() {
+                bail!(
+                    "--domains {n} but only {} domains were given",
+                    domains.len()
+                );
+            }
+            domains.truncate(n);
+        }
+        Ok(DeploymentSpec::Target {
+            targets: self.target.clone(),
+            grpc_targets: self.grpc_target.clone(),
+            admin: self.admin.clone(),
+            domains,
+            webhook_listen: self.webhook_listen,
+            tls: TlsFiles {
+                ca: self.tls_ca.clone(),
+                cert: self.grpc_tls_cert.clone(),
+                key: self.grpc_tls_key.clone(),
+                server_name: self.grpc_tls_server_name.clone(),
+            },
+        })
+    }
+
+    fn options(&self, scenario: ScenarioKind, find_max: bool) -> RunOptions {
+        let defaults = Shape::default();
+        let (rate, duration) = match (find_max, scenario) {
+            (true, _) => (500.0, Duration::from_secs(8)),
+            (false, ScenarioKind::FanOut) => (20.0, Duration::from_secs(20)),
+            (false, ScenarioKind::PresenceStorm) => (100.0, Duration::from_secs(20)),
+            (false, ScenarioKind::Soak) => (500.0, Duration::from_secs(600)),
+            (false, _) => (2000.0, Duration::from_secs(20)),
+        };
+        let faults = self.faults();
         RunOptions {
             scenario,
-            users: self.users,
-            rate: self.rate.unwrap_or(default_rate),
-            duration: self.duration.unwrap_or(default_duration),
-            warmup: self.warmup,
-            max_inflight: self.max_inflight,
-            drain_timeout: self.drain_timeout,
-            request_timeout: self.request_timeout,
+            protocol: self.protocol.unwrap_or(scenario.default_protocol()),
+            shape: Shape {
+                domains: self.domains.unwrap_or(defaults.domains),
+                users: self.users.unwrap_or(defaults.users),
+                channels: self.channels.unwrap_or(defaults.channels),
+                members: self.members.unwrap_or(defaults.members),
+                publishers: self.publishers.unwrap_or(defaults.publishers),
+                subscribers: self.subscribers.unwrap_or(defaults.subscribers),
+            },
+            rate: self.rate.unwrap_or(rate),
+            duration: self.duration.unwrap_or(duration),
+            warmup: self.warmup.unwrap_or(Duration::from_secs(2)),
+            max_inflight: self.max_inflight.unwrap_or(4096),
+            drain_timeout: self.drain_timeout.unwrap_or(Duration::from_secs(10)),
+            request_timeout: self.request_timeout.unwrap_or(Duration::from_secs(10)),
+            retry_for: self.retry_for.unwrap_or(if faults.any() {
+                Duration::from_secs(30)
+            } else {
+                Duration::ZERO
+            }),
+            faults,
             quiet: self.quiet,
         }
     }
@@ -224,15 +485,25 @@ fn read_json(p: &Path) -> Result<serde_json::Value> {
 async fn cli_main(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Run { scenario, args } => {
-            let spec = args.deployment()?;
-            let opts = args.options(scenario, 2000.0, Duration::from_secs(20));
+            let args = args.with_file()?;
+            let Some(scenario) = scenario.or(args.scenario) else {
+                bail!(
+                    "name the scenario (one-to-one, fan-out, presence-storm, mixed, soak) or give it in --file"
+                );
+            };
+            let opts = args.options(scenario, false);
+            let spec = args.deployment(opts.protocol)?;
             let out = args
                 .out
                 .clone()
                 .unwrap_or_else(|| default_out_dir(scenario.name()));
-            let r = run_and_report(spec, args.receive, &opts, &out, args.ready_timeout).await?;
+            let r = run_and_report(spec, args.receive(), &opts, &out, args.ready_timeout()).await?;
             println!("{}", summary_text(&r));
             println!("results in {}", out.display());
+            if r.counts.accepted == 0 {
+                eprintln!("relay-loadtest: the relay accepted nothing (see the send errors)");
+                return Ok(ExitCode::from(1));
+            }
             Ok(if r.passed {
                 ExitCode::SUCCESS
             } else {
@@ -256,8 +527,9 @@ async fn cli_main(cli: Cli) -> Result<ExitCode> {
             retries,
             args,
         } => {
-            let spec = args.deployment()?;
-            let opts = args.options(scenario, 500.0, Duration::from_secs(8));
+            let args = args.with_file()?;
+            let opts = args.options(scenario, true);
+            let spec = args.deployment(opts.protocol)?;
             let fm = FindMaxOptions {
                 p99_ms,
                 start_rate: opts.rate,
@@ -276,11 +548,11 @@ async fn cli_main(cli: Cli) -> Result<ExitCode> {
             );
             let res = find_max(
                 spec,
-                args.receive,
+                args.receive(),
                 &opts,
                 &fm,
                 &out,
-                args.ready_timeout,
+                args.ready_timeout(),
                 |s| {
                     println!(
                         "{:>10.0}  {:>10.2}  {:>10.2}  {:>12.1}  {}",

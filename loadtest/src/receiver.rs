@@ -28,6 +28,10 @@ use crate::sign::{
     HEADER_DOMAIN, HEADER_SIGNATURE, HEADER_TIMESTAMP, sign_bodyless, unix_now_secs, verify_body,
 };
 use crate::sse::SseParser;
+use crate::tls::ClientTls;
+
+type StreamConnector =
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
 
 /// How the harness receives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -132,7 +136,7 @@ const STREAM_CONNECT: Duration = Duration::from_secs(10);
 
 impl Receivers {
     /// Opens one SSE stream per domain against `target` (`http://host:port`).
-    pub fn streams(target: &str, domains: &[DomainSpec]) -> Result<Self> {
+    pub fn streams(target: &str, domains: &[DomainSpec], tls: &ClientTls) -> Result<Self> {
         let uri: hyper::Uri = format!("{}/v1/stream", target.trim_end_matches('/'))
             .parse()
             .with_context(|| format!("bad --target {target}"))?;
@@ -143,6 +147,7 @@ impl Receivers {
             let status = Arc::new(StreamStatus::default());
             streams.push(status.clone());
             tasks.push(tokio::spawn(stream_loop(
+                tls.connector(false),
                 uri.clone(),
                 i,
                 d.clone(),
@@ -266,13 +271,14 @@ impl Receivers {
 }
 
 async fn stream_loop(
+    connector: StreamConnector,
     uri: hyper::Uri,
     domain: usize,
     spec: DomainSpec,
     router: Arc<Router>,
     status: Arc<StreamStatus>,
 ) {
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
     let mut parser = SseParser::new();
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -294,7 +300,7 @@ async fn stream_loop(
 }
 
 async fn stream_once(
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    client: &Client<StreamConnector, Empty<Bytes>>,
     uri: &hyper::Uri,
     domain: usize,
     spec: &DomainSpec,

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::contract::ContractReport;
 use crate::driver::DriverStats;
+use crate::live::RetryStats;
 use crate::receiver::ReceiverStats;
 use crate::stats::{CpuUse, CurvePoint, MachineInfo, Percentiles, SecondPoint};
 
@@ -31,6 +32,18 @@ pub struct RunConfig {
     pub request_timeout_s: f64,
     /// `embedded`, or the `--target` URL.
     pub target: String,
+    /// `http` or `grpc`.
+    #[serde(default)]
+    pub protocol: String,
+    /// Relay nodes at the start (embedded), or targets given.
+    #[serde(default)]
+    pub nodes: usize,
+    /// Recipients of every event (1 for 1:1; channel members or followers).
+    #[serde(default)]
+    pub recipients_per_event: usize,
+    /// How long a failed send was retried, s.
+    #[serde(default)]
+    pub retry_for_s: f64,
 }
 
 /// Message counts of a run.
@@ -108,6 +121,45 @@ pub struct RunResult {
     /// Things the harness adjusted or noticed (e.g. a lowered in-flight cap).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Sends that failed and were tried again.
+    #[serde(default)]
+    pub retries: RetryStats,
+    /// Nodes killed or added during the run.
+    #[serde(default)]
+    pub faults: Vec<FaultEvent>,
+    /// The relay nodes' resident memory, sampled every second.
+    #[serde(default)]
+    pub memory: Vec<MemoryPoint>,
+    /// Seconds spent setting up before sending (presence: the contact requests and answers).
+    #[serde(default)]
+    pub setup_s: f64,
+    /// The first node's `GET /cluster` at the end (members, sessions each hosts).
+    #[serde(default)]
+    pub cluster: Option<serde_json::Value>,
+}
+
+/// A node killed or added during a run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct FaultEvent {
+    /// `kill` (SIGKILL) or `add`.
+    pub kind: String,
+    pub node: String,
+    /// When, ms after sending started.
+    pub at_ms: f64,
+    /// `add`: how long until the new node was ready and a member on every node, ms.
+    pub ready_after_ms: Option<f64>,
+    /// `kill`: from the kill until the last send it disturbed was accepted again, ms (none
+    /// when no send needed a retry).
+    pub recovered_after_ms: Option<f64>,
+}
+
+/// One memory sample.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct MemoryPoint {
+    /// Seconds after sending started.
+    pub t_s: f64,
+    /// Sum of the resident memory of the relay nodes alive, kB.
+    pub relay_rss_kb: u64,
 }
 
 /// Writes `result.json` and the three SVG plots into `dir`.
@@ -117,6 +169,7 @@ pub fn write_all(dir: &Path, r: &RunResult) -> Result<()> {
     plot_latency_over_time(&dir.join("latency_over_time.svg"), r)?;
     plot_throughput(&dir.join("throughput.svg"), r)?;
     plot_distribution(&dir.join("latency_distribution.svg"), r)?;
+    plot_memory(&dir.join("memory.svg"), r)?;
     Ok(())
 }
 
@@ -236,13 +289,30 @@ fn plot_throughput(path: &Path, r: &RunResult) -> Result<()> {
         path,
         &format!("{}: throughput per second", r.scenario),
         "seconds since start",
-        "messages / s",
+        "events / s (deliveries / s)",
         &[
             ("offered", per_second(r, |p| p.offered as f64)),
-            ("accepted (202)", per_second(r, |p| p.accepted as f64)),
-            ("received", per_second(r, |p| p.received as f64)),
+            ("accepted", per_second(r, |p| p.accepted as f64)),
+            ("deliveries", per_second(r, |p| p.received as f64)),
             ("send errors", per_second(r, |p| p.errors as f64)),
         ],
+        Some(r.config.warmup_s),
+    )
+}
+
+fn plot_memory(path: &Path, r: &RunResult) -> Result<()> {
+    line_chart(
+        path,
+        &format!("{}: relay resident memory (all nodes)", r.scenario),
+        "seconds since start",
+        "MiB",
+        &[(
+            "relay RSS",
+            r.memory
+                .iter()
+                .map(|m| (m.t_s, m.relay_rss_kb as f64 / 1024.0))
+                .collect(),
+        )],
         Some(r.config.warmup_s),
     )
 }
@@ -323,18 +393,33 @@ pub fn summary_text(r: &RunResult) -> String {
     let c = &r.config;
     let _ = writeln!(
         s,
-        "scenario {}  run {}  target {}  store {}  receive {}",
+        "scenario {}  run {}  target {}  nodes {}  protocol {}  store {}  receive {}",
         r.scenario,
         r.run_id,
         c.target,
+        c.nodes,
+        if c.protocol.is_empty() {
+            "http"
+        } else {
+            &c.protocol
+        },
         c.store.as_deref().unwrap_or("-"),
         c.receive
     );
     let _ = writeln!(
         s,
-        "{} users / {} sessions over {} domains, {} msg/s for {}s after {}s warmup",
-        c.users, c.sessions, c.domains, c.rate, c.duration_s, c.warmup_s
+        "{} users / {} sessions over {} domains, {} recipient(s) per event, {} events/s for {}s after {}s warmup",
+        c.users,
+        c.sessions,
+        c.domains,
+        c.recipients_per_event.max(1),
+        c.rate,
+        c.duration_s,
+        c.warmup_s
     );
+    if r.setup_s > 0.01 {
+        let _ = writeln!(s, "set-up {:.1}s", r.setup_s);
+    }
     let _ = writeln!(s);
     let _ = writeln!(
         s,
@@ -343,7 +428,7 @@ pub fn summary_text(r: &RunResult) -> String {
     );
     for (name, p) in [
         ("end-to-end", &r.latency_ms.end_to_end),
-        ("POST → 202", &r.latency_ms.post),
+        ("send → accepted", &r.latency_ms.post),
     ] {
         let _ = writeln!(
             s,
@@ -355,17 +440,18 @@ pub fn summary_text(r: &RunResult) -> String {
     let t = &r.throughput;
     let _ = writeln!(
         s,
-        "throughput (msg/s)    offered {:.1}  accepted {:.1}  received {:.1}",
+        "throughput (/s)       offered {:.1}  accepted {:.1}  deliveries {:.1}",
         t.offered_per_s, t.accepted_per_s, t.received_per_s
     );
     let n = &r.counts;
     let _ = writeln!(
         s,
-        "messages              planned {}  sent {}  accepted {}  received {}  send errors {}{}",
+        "events                planned {}  sent {}  accepted {}  deliveries {}/{}  send errors {}{}",
         n.planned,
         n.dispatched,
         n.accepted,
         n.received_unique,
+        r.contract.expected_deliveries,
         n.send_errors_total,
         if n.send_errors.is_empty() {
             String::new()
@@ -379,6 +465,50 @@ pub fn summary_text(r: &RunResult) -> String {
     if let Some(rss) = r.cpu.relay_peak_rss_kb {
         let _ = writeln!(s, "relay peak RSS        {:.1} MiB", rss as f64 / 1024.0);
     }
+    if let (Some(first), Some(last)) = (r.memory.first(), r.memory.last()) {
+        let peak = r.memory.iter().map(|m| m.relay_rss_kb).max().unwrap_or(0);
+        let _ = writeln!(
+            s,
+            "relay RSS (all nodes)  {:.1} MiB at {:.0}s, {:.1} MiB at {:.0}s, peak {:.1} MiB",
+            first.relay_rss_kb as f64 / 1024.0,
+            first.t_s,
+            last.relay_rss_kb as f64 / 1024.0,
+            last.t_s,
+            peak as f64 / 1024.0
+        );
+    }
+    let rt = &r.retries;
+    if rt.attempts > 0 {
+        let _ = writeln!(
+            s,
+            "retries               {} attempts for {} events, {} accepted in the end, longest {:.0} ms",
+            rt.attempts, rt.events, rt.recovered, rt.max_recovery_ms
+        );
+    }
+    for f in &r.faults {
+        let _ = match f.kind.as_str() {
+            "kill" => writeln!(
+                s,
+                "fault                 kill -9 {} at {:.1}s; {}",
+                f.node,
+                f.at_ms / 1e3,
+                match f.recovered_after_ms {
+                    Some(ms) => format!(
+                        "every send it disturbed accepted again {:.2}s later",
+                        ms / 1e3
+                    ),
+                    None => "no send needed a retry".to_owned(),
+                }
+            ),
+            _ => writeln!(
+                s,
+                "fault                 {} joined at {:.1}s, ready and a member everywhere {:.2}s later",
+                f.node,
+                f.at_ms / 1e3,
+                f.ready_after_ms.unwrap_or(0.0) / 1e3
+            ),
+        };
+    }
     let k = &r.contract;
     let _ = writeln!(
         s,
@@ -390,11 +520,16 @@ pub fn summary_text(r: &RunResult) -> String {
         k.misrouted,
         k.id_mismatches
     );
-    if k.error_events > 0 || k.foreign > 0 || k.received_unaccepted > 0 {
+    if k.error_events > 0
+        || k.foreign > 0
+        || k.received_unaccepted > 0
+        || k.skipped > 0
+        || k.superseded > 0
+    {
         let _ = writeln!(
             s,
-            "                      error events {}  foreign {}  received without 202 {}",
-            k.error_events, k.foreign, k.received_unaccepted
+            "                      error events {}  foreign {}  received without acceptance {}  skipped {}  superseded {}",
+            k.error_events, k.foreign, k.received_unaccepted, k.skipped, k.superseded
         );
     }
     if !k.lost_examples.is_empty() {
@@ -436,6 +571,9 @@ pub const COMPARE_METRICS: &[(&str, &str)] = &[
     ("redis µs/msg", "/cpu/redis/us_per_message"),
     ("harness µs/msg", "/cpu/harness/us_per_message"),
     ("relay peak RSS KiB", "/cpu/relay_peak_rss_kb"),
+    ("deliveries", "/contract/received_unique"),
+    ("retried events", "/retries/events"),
+    ("failover ms", "/faults/0/recovered_after_ms"),
     ("send errors", "/counts/send_errors_total"),
     ("lost", "/contract/lost"),
     ("duplicates", "/contract/duplicates"),

@@ -2,6 +2,7 @@
 //! (receivers, CPU sampling, progress, open-loop driver, drain), build the [`RunResult`], and
 //! the `find-max` rate search.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,52 +13,87 @@ use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::driver::{DriverOptions, drive, post_client};
+use crate::driver::{DriverOptions, SetupOptions, Targets, drive, post_all};
 use crate::live::Shared;
 use crate::plan::{DomainSpec, Plan, random_hex};
 use crate::receiver::{ReceiveMode, Receivers};
 use crate::report::{
-    Counts, CpuReport, Latency, RunConfig, RunResult, Throughput, utc_stamp, write_all, write_json,
+    Counts, CpuReport, FaultEvent, Latency, MemoryPoint, RunConfig, RunResult, Throughput,
+    utc_stamp, write_all, write_json,
 };
-use crate::scenario::{ScenarioKind, Schedule, domain_name};
+use crate::scenario::{Protocol, ScenarioKind, Schedule, Shape, domain_name};
 use crate::sign::{unix_now_millis, unix_now_secs};
 use crate::stats::{
     CpuTicks, MachineInfo, clock_ticks_per_sec, cpu_use, nofile_soft_limit, read_cpu,
-    read_peak_rss_kb,
+    read_peak_rss_kb, read_rss_kb,
 };
-use crate::system::{DeliverySpec, EmbeddedOptions, EmbeddedSystem, StoreKind, wait_ready};
+use crate::system::{
+    ClusterMode, DeliverySpec, EmbeddedOptions, EmbeddedSystem, StoreKind, wait_ready,
+};
+use crate::tls::{ClientTls, TlsFiles};
 
 /// The workload knobs of one run.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub scenario: ScenarioKind,
-    pub users: usize,
+    pub protocol: Protocol,
+    /// Users, channels and members, publishers and subscribers (`shape.domains` is ignored:
+    /// the deployment's domains count).
+    pub shape: Shape,
     pub rate: f64,
     pub duration: Duration,
     pub warmup: Duration,
     pub max_inflight: usize,
     pub drain_timeout: Duration,
     pub request_timeout: Duration,
+    /// How long a failed send is retried on other nodes (zero: never).
+    pub retry_for: Duration,
+    pub faults: Faults,
     pub quiet: bool,
+}
+
+/// Nodes to kill or add during a run (embedded only), counted from the start of sending.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// SIGKILL the newest node then.
+    pub kill_node_after: Option<Duration>,
+    /// Start one more node then.
+    pub add_node_after: Option<Duration>,
+}
+
+impl Faults {
+    pub fn any(&self) -> bool {
+        self.kill_node_after.is_some() || self.add_node_after.is_some()
+    }
 }
 
 /// Where the system under test comes from.
 #[derive(Debug, Clone)]
 pub enum DeploymentSpec {
-    /// Start redis-server (unless memory) and relay-node here.
+    /// Start redis-server (unless memory), etcd (for a cluster) and relay-nodes here.
     Embedded {
         store: StoreKind,
         relay_bin: Option<PathBuf>,
         redis_bin: Option<PathBuf>,
+        etcd_bin: Option<PathBuf>,
         domains: usize,
+        nodes: usize,
+        /// Serve the cluster gRPC listener (for `--protocol grpc`), and run etcd membership.
+        cluster: ClusterMode,
+        node_env: Vec<(String, String)>,
     },
     /// An existing deployment.
     Target {
-        target: String,
+        /// HTTP-edge base URLs (`http://host:port`), one per node or one load balancer.
+        targets: Vec<String>,
+        /// Cluster gRPC listeners (`http://host:port`), for `--protocol grpc`.
+        grpc_targets: Vec<String>,
         admin: Option<String>,
         domains: Vec<DomainSpec>,
         /// Where the webhook sink listens (the relay's `webhook_url`s must point there).
         webhook_listen: Option<SocketAddr>,
+        /// CA, client certificate and server name for `https://` targets.
+        tls: TlsFiles,
     },
 }
 
@@ -67,10 +103,12 @@ pub struct Deployment {
     // Field order matters: receivers stop before the system is killed.
     receivers: Receivers,
     system: Option<EmbeddedSystem>,
-    pub target: String,
+    pub targets: Arc<Targets>,
+    pub admin: Option<String>,
     pub domains: Vec<DomainSpec>,
     pub store: Option<StoreKind>,
     pub receive: ReceiveMode,
+    pub tls: ClientTls,
 }
 
 impl Deployment {
@@ -86,7 +124,11 @@ impl Deployment {
                 store,
                 relay_bin,
                 redis_bin,
+                etcd_bin,
                 domains,
+                nodes,
+                cluster,
+                node_env,
             } => {
                 if domains < 2 {
                     bail!("--domains must be at least 2");
@@ -117,43 +159,57 @@ impl Deployment {
                     store,
                     relay_bin,
                     redis_bin,
+                    etcd_bin,
+                    nodes,
+                    cluster,
+                    node_env,
                     domains: domains.clone(),
                     delivery,
                     log_dir,
                     ready_timeout,
                 })
                 .await?;
-                let target = format!("http://{}", system.http);
+                let http = system.http_targets();
+                let tls = ClientTls::load(&TlsFiles::default())?;
                 let receivers = match receivers {
                     Some(r) => r,
-                    None => Receivers::streams(&target, &domains)?,
+                    // Streams read from the first node, which fault injection never kills.
+                    None => Receivers::streams(&http[0], &domains, &tls)?,
                 };
                 receivers.wait_connected(ready_timeout).await?;
                 Ok(Self {
                     receivers,
+                    targets: Targets::new(http, system.grpc_targets()),
+                    admin: Some(format!("http://{}", system.admin)),
                     system: Some(system),
-                    target,
                     domains,
                     store: Some(store),
                     receive,
+                    tls,
                 })
             }
             DeploymentSpec::Target {
-                target,
+                targets,
+                grpc_targets,
                 admin,
                 domains,
                 webhook_listen,
+                tls,
             } => {
+                let tls = ClientTls::load(&tls)?;
                 if domains.len() < 2 {
                     bail!(
                         "--target needs at least 2 HTTP-edge domains (from --config-file or --domain NAME=SECRET)"
                     );
                 }
+                let Some(first) = targets.first().cloned() else {
+                    bail!("--target needs at least one URL");
+                };
                 if let Some(admin) = &admin {
                     wait_ready(admin, None, ready_timeout).await?;
                 }
                 let receivers = match receive {
-                    ReceiveMode::Stream => Receivers::streams(&target, &domains)?,
+                    ReceiveMode::Stream => Receivers::streams(&first, &domains, &tls)?,
                     ReceiveMode::Webhook => {
                         let Some(listen) = webhook_listen else {
                             bail!(
@@ -169,10 +225,12 @@ impl Deployment {
                 Ok(Self {
                     receivers,
                     system: None,
-                    target,
+                    targets: Targets::new(targets, grpc_targets),
+                    admin,
                     domains,
                     store: None,
                     receive,
+                    tls,
                 })
             }
         }
@@ -185,26 +243,50 @@ impl Deployment {
             None => Ok(()),
         }
     }
+
+    fn relay_pids(&self) -> Vec<u32> {
+        self.system
+            .as_ref()
+            .map(|s| s.relay_pids())
+            .unwrap_or_default()
+    }
 }
 
-fn read_cpu_opt(pid: Option<u32>) -> Option<CpuTicks> {
-    read_cpu(pid).ok()
-}
-
+/// CPU ticks of a set of processes and of the harness at one instant.
 struct CpuSample {
-    relay: Option<CpuTicks>,
+    relay: HashMap<u32, CpuTicks>,
     redis: Option<CpuTicks>,
     harness: Option<CpuTicks>,
     at: Instant,
 }
 
-fn sample(relay: Option<u32>, redis: Option<u32>) -> CpuSample {
+fn sample(relay: &[u32], redis: Option<u32>) -> CpuSample {
     CpuSample {
-        relay: relay.and_then(|p| read_cpu_opt(Some(p))),
-        redis: redis.and_then(|p| read_cpu_opt(Some(p))),
-        harness: read_cpu_opt(None),
+        relay: relay
+            .iter()
+            .filter_map(|&p| read_cpu(Some(p)).ok().map(|t| (p, t)))
+            .collect(),
+        redis: redis.and_then(|p| read_cpu(Some(p)).ok()),
+        harness: read_cpu(None).ok(),
         at: Instant::now(),
     }
+}
+
+/// The relay nodes' CPU between two samples: the nodes alive at both.
+fn relay_ticks(a: &CpuSample, b: &CpuSample) -> Option<(CpuTicks, CpuTicks)> {
+    let mut before = CpuTicks::default();
+    let mut after = CpuTicks::default();
+    let mut any = false;
+    for (pid, x) in &a.relay {
+        if let Some(y) = b.relay.get(pid) {
+            before.utime += x.utime;
+            before.stime += x.stime;
+            after.utime += y.utime;
+            after.stime += y.stime;
+            any = true;
+        }
+    }
+    any.then_some((before, after))
 }
 
 fn progress_bar(total: u64, quiet: bool) -> ProgressBar {
@@ -222,10 +304,172 @@ fn progress_bar(total: u64, quiet: bool) -> ProgressBar {
     pb
 }
 
+/// Sets up what the workload needs before it starts: presence followers.
+async fn set_up(dep: &Deployment, plan: &Plan, opts: &RunOptions) -> Result<()> {
+    let (requests, answers) = plan.presence_setup()?;
+    if requests.is_empty() {
+        return Ok(());
+    }
+    let setup = SetupOptions {
+        targets: dep.targets.clone(),
+        concurrency: opts.max_inflight.clamp(1, 64),
+        request_timeout: opts.request_timeout,
+        // Give the relay as long as the drain allows to take each one.
+        retry_for: opts.drain_timeout.max(Duration::from_secs(5)),
+        tls: dep.tls.clone(),
+    };
+    // Answers count only once their request is in: all requests first.
+    post_all(&plan.domains, requests, &setup)
+        .await
+        .context("presence set-up: contact requests")?;
+    post_all(&plan.domains, answers, &setup)
+        .await
+        .context("presence set-up: contact answers")?;
+    Ok(())
+}
+
+/// Kills and adds nodes as `faults` says, while the driver runs; records what happened.
+async fn inject_faults(
+    system: Option<&mut EmbeddedSystem>,
+    faults: Faults,
+    t0: Instant,
+    targets: &Targets,
+    ready_timeout: Duration,
+) -> Result<Vec<FaultEvent>> {
+    let mut events = Vec::new();
+    if !faults.any() {
+        return Ok(events);
+    }
+    let Some(system) = system else {
+        bail!("--kill-node-after and --add-node-after apply to the embedded system only");
+    };
+    let mut plan: Vec<(Duration, &str)> = Vec::new();
+    if let Some(d) = faults.kill_node_after {
+        plan.push((d, "kill"));
+    }
+    if let Some(d) = faults.add_node_after {
+        plan.push((d, "add"));
+    }
+    plan.sort();
+    for (after, kind) in plan {
+        tokio::time::sleep_until((t0 + after).into()).await;
+        let at_ms = t0.elapsed().as_secs_f64() * 1e3;
+        match kind {
+            "kill" => {
+                // Never the first node: the stream receivers read from it.
+                let alive = system.alive_nodes();
+                let Some(&victim) = alive.iter().rev().find(|&&i| i != 0) else {
+                    bail!("--kill-node-after needs at least 2 nodes (--nodes)");
+                };
+                let id = system.nodes()[victim].id.clone();
+                system.kill_node(victim)?;
+                // Clients keep sending to it (and fail over) until a load balancer would notice:
+                // the target list keeps the dead node; the driver retries elsewhere.
+                events.push(FaultEvent {
+                    kind: "kill".into(),
+                    node: id,
+                    at_ms,
+                    ready_after_ms: None,
+                    recovered_after_ms: None,
+                });
+            }
+            _ => {
+                let (idx, took) = system.add_node(ready_timeout).await?;
+                // Like a load balancer that adds a node once its readiness probe passes.
+                targets.set(system.http_targets(), system.grpc_targets());
+                events.push(FaultEvent {
+                    kind: "add".into(),
+                    node: system.nodes()[idx].id.clone(),
+                    at_ms,
+                    ready_after_ms: Some(took.as_secs_f64() * 1e3),
+                    recovered_after_ms: None,
+                });
+            }
+        }
+    }
+    Ok(events)
+}
+
+/// For each kill: from the kill until the last send that first failed after it (and before
+/// the next fault) was accepted again.
+pub fn attribute_recoveries(faults: &mut [FaultEvent], recoveries: &[(u64, u64)]) {
+    let starts: Vec<f64> = faults.iter().map(|f| f.at_ms).collect();
+    for f in faults.iter_mut() {
+        if f.kind != "kill" {
+            continue;
+        }
+        let from = f.at_ms;
+        let until = starts
+            .iter()
+            .copied()
+            .filter(|&t| t > from)
+            .fold(f64::INFINITY, f64::min);
+        f.recovered_after_ms = recoveries
+            .iter()
+            .map(|&(first, done)| (first as f64 / 1e6, done as f64 / 1e6))
+            .filter(|&(first, _)| first >= from && first < until)
+            .map(|(_, done)| done - from)
+            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+    }
+}
+
+/// Samples the relay nodes' resident memory every second until dropped.
+fn sample_memory(
+    pids: Arc<std::sync::Mutex<Vec<u32>>>,
+    t0: Instant,
+    out: Arc<std::sync::Mutex<Vec<MemoryPoint>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let list = pids.lock().map(|p| p.clone()).unwrap_or_default();
+            let kb: u64 = list.iter().filter_map(|&p| read_rss_kb(p)).sum();
+            if let Ok(mut o) = out.lock() {
+                o.push(MemoryPoint {
+                    t_s: t0.elapsed().as_secs_f64(),
+                    relay_rss_kb: kb,
+                });
+            }
+        }
+    })
+}
+
+/// `GET url` as JSON (an admin endpoint).
+async fn get_json(url: &str) -> Result<serde_json::Value> {
+    use http_body_util::BodyExt;
+    let uri: hyper::Uri = url.parse().with_context(|| format!("bad URL {url}"))?;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
+        .await
+        .context("timed out")??;
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok(serde_json::from_slice(&body)?)
+}
+
 /// Runs one scenario against the deployment and returns its result.
 pub async fn run_once(dep: &mut Deployment, opts: &RunOptions) -> Result<RunResult> {
+    if !opts.scenario.protocols().contains(&opts.protocol) {
+        bail!(
+            "{} runs over {} only, not {}",
+            opts.scenario,
+            opts.scenario
+                .protocols()
+                .iter()
+                .map(|p| p.name())
+                .collect::<Vec<_>>()
+                .join(" or "),
+            opts.protocol.name()
+        );
+    }
     let schedule = Schedule::new(opts.rate, opts.warmup, opts.duration)?;
-    let workload = opts.scenario.workload(opts.users, dep.domains.len())?;
+    let shape = Shape {
+        domains: dep.domains.len(),
+        ..opts.shape
+    };
+    let workload = opts.scenario.workload(&shape)?;
     let mut warnings = Vec::new();
     let mut max_inflight = opts.max_inflight.max(1);
     if let Some(limit) = nofile_soft_limit() {
@@ -241,30 +485,34 @@ pub async fn run_once(dep: &mut Deployment, opts: &RunOptions) -> Result<RunResu
             max_inflight = room;
         }
     }
+    let mut plan = Plan::new(random_hex(6)?, dep.domains.clone(), workload, schedule, 0);
+    let setup_start = Instant::now();
+    set_up(dep, &plan, opts).await?;
+    let setup_s = setup_start.elapsed().as_secs_f64();
+
     // Start a little in the future so the setup below is not counted as lag.
     let lead = Duration::from_millis(50);
-    let start_unix_ms = unix_now_millis() + 50;
-    let plan = Arc::new(Plan {
-        run_id: random_hex(6)?,
-        domains: dep.domains.clone(),
-        workload,
-        schedule,
-        start_unix_ms,
-    });
+    plan.start_unix_ms = unix_now_millis() + 50;
+    let start_unix_ms = plan.start_unix_ms;
+    let plan = Arc::new(plan);
     let t0 = Instant::now() + lead;
     let shared = Shared::new(plan.clone(), t0);
     dep.receivers.router.set(Some(shared.clone()));
 
-    let relay_pid = dep.system.as_ref().map(|s| s.relay_pid());
+    let relay_pids = dep.relay_pids();
     let redis_pid = dep.system.as_ref().and_then(|s| s.redis_pid());
     let (win_start, win_end) = (shared.window_start(), shared.send_end());
+    let cpu_pids = relay_pids.clone();
     let cpu_task = tokio::spawn(async move {
         tokio::time::sleep_until(win_start.into()).await;
-        let a = sample(relay_pid, redis_pid);
+        let a = sample(&cpu_pids, redis_pid);
         tokio::time::sleep_until(win_end.into()).await;
-        let b = sample(relay_pid, redis_pid);
+        let b = sample(&cpu_pids, redis_pid);
         (a, b)
     });
+    let mem_pids = Arc::new(std::sync::Mutex::new(relay_pids.clone()));
+    let memory = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mem_task = sample_memory(mem_pids.clone(), t0, memory.clone());
 
     let pb = progress_bar(schedule.total_messages(), opts.quiet);
     let pshared = shared.clone();
@@ -289,16 +537,33 @@ pub async fn run_once(dep: &mut Deployment, opts: &RunOptions) -> Result<RunResu
     });
 
     let driver_opts = DriverOptions {
-        target: dep.target.clone(),
+        protocol: opts.protocol,
+        targets: dep.targets.clone(),
         max_inflight,
         request_timeout: opts.request_timeout,
+        retry_for: opts.retry_for,
+        tls: dep.tls.clone(),
     };
-    let driven = drive(shared.clone(), post_client(max_inflight), &driver_opts).await;
-    let driver_stats = match driven {
-        Ok(s) => s,
-        Err(e) => {
+    let ready_timeout = opts.drain_timeout.max(Duration::from_secs(30));
+    let (driven, faulted) = tokio::join!(
+        drive(shared.clone(), &driver_opts),
+        inject_faults(
+            dep.system.as_mut(),
+            opts.faults,
+            t0,
+            &dep.targets,
+            ready_timeout
+        )
+    );
+    if let Ok(mut p) = mem_pids.lock() {
+        *p = dep.relay_pids();
+    }
+    let (driver_stats, mut faults) = match (driven, faulted) {
+        (Ok(s), Ok(f)) => (s, f),
+        (Err(e), _) | (_, Err(e)) => {
             progress_task.abort();
             cpu_task.abort();
+            mem_task.abort();
             pb.finish_and_clear();
             dep.receivers.router.set(None);
             return Err(e);
@@ -318,10 +583,16 @@ pub async fn run_once(dep: &mut Deployment, opts: &RunOptions) -> Result<RunResu
     }
     let drain_s = drain_start.elapsed().as_secs_f64();
     progress_task.abort();
+    mem_task.abort();
     pb.finish_and_clear();
     dep.receivers.router.set(None);
 
     let snap = shared.snapshot();
+    attribute_recoveries(&mut faults, &snap.recoveries);
+    let cluster = match &dep.admin {
+        Some(admin) => get_json(&format!("{admin}/cluster")).await.ok(),
+        None => None,
+    };
     let window_s = opts.duration.as_secs_f64();
     let cpu = match cpu_task.await {
         Ok((a, b)) => {
@@ -332,19 +603,22 @@ pub async fn run_once(dep: &mut Deployment, opts: &RunOptions) -> Result<RunResu
                 (Some(x), Some(y)) => Some(cpu_use(x, y, ticks, wall, m)),
                 _ => None,
             };
+            let relay = relay_ticks(&a, &b);
             CpuReport {
                 window_s: wall,
                 messages: m,
-                relay: use_of(a.relay, b.relay),
+                relay: use_of(relay.map(|r| r.0), relay.map(|r| r.1)),
                 redis: use_of(a.redis, b.redis),
                 harness: use_of(a.harness, b.harness),
-                relay_peak_rss_kb: relay_pid.and_then(read_peak_rss_kb),
+                relay_peak_rss_kb: relay_pids.iter().filter_map(|&p| read_peak_rss_kb(p)).max(),
             }
         }
         Err(_) => CpuReport::default(),
     };
+    let memory = memory.lock().map(|m| m.clone()).unwrap_or_default();
 
     let passed = snap.contract.passed;
+    let recipients_per_event = plan.workload.recipients(&plan.workload.event(0)).len();
     Ok(RunResult {
         scenario: opts.scenario.name().to_owned(),
         run_id: plan.run_id.clone(),
@@ -371,8 +645,15 @@ pub async fn run_once(dep: &mut Deployment, opts: &RunOptions) -> Result<RunResu
             target: if dep.system.is_some() {
                 "embedded".into()
             } else {
-                dep.target.clone()
+                dep.targets.http().join(",")
             },
+            protocol: opts.protocol.name().into(),
+            nodes: match opts.protocol {
+                Protocol::Http => relay_pids.len().max(dep.targets.http().len()),
+                Protocol::Grpc => relay_pids.len().max(dep.targets.grpc().len()),
+            },
+            recipients_per_event,
+            retry_for_s: opts.retry_for.as_secs_f64(),
         },
         machine: MachineInfo::detect(),
         counts: Counts {
@@ -404,6 +685,11 @@ pub async fn run_once(dep: &mut Deployment, opts: &RunOptions) -> Result<RunResu
         series: snap.series,
         percentile_curve: snap.e2e_curve,
         warnings,
+        retries: snap.retries,
+        faults,
+        memory,
+        setup_s,
+        cluster,
     })
 }
 
@@ -605,6 +891,37 @@ mod tests {
             ..Default::default()
         };
         assert!(!judge_step(&empty, 20.0).0);
+    }
+
+    #[test]
+    fn recoveries_belong_to_the_kill_before_them() {
+        let fault = |kind: &str, at_ms: f64| FaultEvent {
+            kind: kind.into(),
+            node: "n".into(),
+            at_ms,
+            ..Default::default()
+        };
+        let mut f = vec![
+            fault("kill", 1000.0),
+            fault("add", 5000.0),
+            fault("kill", 8000.0),
+        ];
+        let ms = |x: u64| x * 1_000_000;
+        attribute_recoveries(
+            &mut f,
+            &[
+                (ms(500), ms(600)),   // before any fault: nobody's
+                (ms(1100), ms(3000)), // the first kill's
+                (ms(1200), ms(3500)), // its last
+                (ms(5100), ms(9000)), // during the join: not a kill's
+            ],
+        );
+        assert_eq!(f[0].recovered_after_ms, Some(2500.0));
+        assert_eq!(f[1].recovered_after_ms, None);
+        assert_eq!(
+            f[2].recovered_after_ms, None,
+            "no send failed after the second kill"
+        );
     }
 
     #[test]

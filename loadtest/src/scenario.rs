@@ -8,13 +8,26 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 
-/// The scenarios the harness knows. New ones (channel fan-out, presence storm, mixed, soak)
-/// become new variants; each decides its workload and which message index goes where.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+/// The scenarios the harness knows. Each decides its workload: who sends what to whom, and in
+/// which order.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum ScenarioKind {
     /// Pairs of users in different domains chat 1:1; every user sends to its fixed peer.
     OneToOne,
+    /// One sender per channel posts to all of its members (default one channel of 1,000
+    /// members spread over the domains): every post is one envelope with many recipients.
+    FanOut,
+    /// Publishers flap their presence (available, away, busy, do not disturb); each has every
+    /// subscriber as a follower, so every update fans out to all of them.
+    PresenceStorm,
+    /// 1:1 pairs sending messages with edits, deletes, reactions and typing among them.
+    Mixed,
+    /// The mixed workload at a fixed rate for a long time (default 10 minutes), with the
+    /// relay's memory sampled every second.
+    Soak,
 }
 
 impl ScenarioKind {
@@ -22,20 +35,101 @@ impl ScenarioKind {
     pub fn name(self) -> &'static str {
         match self {
             ScenarioKind::OneToOne => "one-to-one",
+            ScenarioKind::FanOut => "fan-out",
+            ScenarioKind::PresenceStorm => "presence-storm",
+            ScenarioKind::Mixed => "mixed",
+            ScenarioKind::Soak => "soak",
         }
     }
 
     /// Builds the users and who talks to whom.
-    pub fn workload(self, users: usize, domains: usize) -> Result<Workload> {
+    pub fn workload(self, shape: &Shape) -> Result<Workload> {
         match self {
-            ScenarioKind::OneToOne => Workload::one_to_one(users, domains),
+            ScenarioKind::OneToOne => Workload::pairs(shape.users, shape.domains, false),
+            ScenarioKind::Mixed | ScenarioKind::Soak => {
+                Workload::pairs(shape.users, shape.domains, true)
+            }
+            ScenarioKind::FanOut => {
+                Workload::channels(shape.channels, shape.members, shape.domains)
+            }
+            ScenarioKind::PresenceStorm => {
+                Workload::presence(shape.publishers, shape.subscribers, shape.domains)
+            }
         }
+    }
+
+    /// The protocols the scenario can be driven over.
+    pub fn protocols(self) -> &'static [Protocol] {
+        match self {
+            ScenarioKind::OneToOne | ScenarioKind::Mixed | ScenarioKind::Soak => {
+                &[Protocol::Http, Protocol::Grpc]
+            }
+            // A channel post is one envelope with many recipients: edges make those, so the
+            // harness plays the edge and delivers it over gRPC.
+            ScenarioKind::FanOut => &[Protocol::Grpc],
+            // Presence to "*" (the sender's followers) is an HTTP-edge event.
+            ScenarioKind::PresenceStorm => &[Protocol::Http],
+        }
+    }
+
+    /// The protocol used when none is asked for.
+    pub fn default_protocol(self) -> Protocol {
+        self.protocols()[0]
     }
 }
 
 impl fmt::Display for ScenarioKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// How the harness sends.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Signed `POST /v1/events` on the HTTP edge.
+    Http,
+    /// Envelopes straight into `SessionService.Deliver` on a node's cluster gRPC listener, as
+    /// an edge does.
+    Grpc,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Grpc => "grpc",
+        }
+    }
+}
+
+/// The sizes a workload is built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub domains: usize,
+    /// 1:1 scenarios: users (paired, so users/2 sessions).
+    pub users: usize,
+    /// fan-out: channels, one sender each, and the members every channel has.
+    pub channels: usize,
+    pub members: usize,
+    /// presence-storm: users who publish, and the followers each of them has.
+    pub publishers: usize,
+    pub subscribers: usize,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Self {
+            domains: 4,
+            users: 1000,
+            channels: 1,
+            members: 1000,
+            publishers: 100,
+            subscribers: 100,
+        }
     }
 }
 
@@ -58,27 +152,112 @@ impl User {
     }
 }
 
-/// The users of a run and each one's fixed peer.
+/// What one event does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// A text message (its text carries the [`Tag`]).
+    Message,
+    /// A correction of the sender's own earlier message `target` (new text carries the tag).
+    Edit { target: u64 },
+    /// A reaction to message `target` (the peer's).
+    Reaction { target: u64 },
+    /// The sender started typing.
+    Typing,
+    /// A retraction of the sender's own earlier message `target`.
+    Delete { target: u64 },
+    /// A presence update to all followers (its note carries the tag).
+    Presence { availability: &'static str },
+}
+
+impl Action {
+    /// The HTTP edge's event type.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Action::Message => "message",
+            Action::Edit { .. } => "edit",
+            Action::Reaction { .. } => "reaction",
+            Action::Typing => "typing",
+            Action::Delete { .. } => "delete",
+            Action::Presence { .. } => "presence",
+        }
+    }
+
+    /// The earlier message the action refers to.
+    pub fn target(self) -> Option<u64> {
+        match self {
+            Action::Edit { target } | Action::Reaction { target } | Action::Delete { target } => {
+                Some(target)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Event `i` of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event {
+    pub sender: usize,
+    /// The sender's own event number.
+    pub n: u64,
+    pub action: Action,
+    /// For fan-out, the channel posted in.
+    pub channel: Option<usize>,
+}
+
+/// Who talks to whom.
+#[derive(Debug, Clone)]
+enum Pattern {
+    /// `peer[u]` is the one user `u` sends to; `mixed` interleaves edits, reactions, typing
+    /// and deletes with the messages.
+    Pairs { peer: Vec<usize>, mixed: bool },
+    /// Channel `k` has sender `senders[k]`; every channel has `audience` as its members.
+    Channels { senders: Vec<usize> },
+    /// Every publisher is followed by every user of `audience`.
+    Presence { publishers: Vec<usize> },
+}
+
+/// The users of a run and who sends to whom.
 #[derive(Debug, Clone)]
 pub struct Workload {
     pub domains: usize,
     pub users: Vec<User>,
-    /// `peer[u]` is the user `u` sends to.
-    pub peer: Vec<usize>,
-    /// The order in which users take turns sending (a permutation of `0..users.len()`).
+    /// The order in which users take turns sending (a permutation of the senders).
     pub send_order: Vec<usize>,
+    /// `position[u]`: where user `u` is in `send_order` (`usize::MAX` for users who only
+    /// receive).
+    position: Vec<usize>,
+    /// Channel members or presence followers (empty for pairs).
+    pub audience: Vec<usize>,
+    pattern: Pattern,
 }
 
+/// Hands out `u<n>` local parts per domain.
+struct Locals(Vec<u32>);
+
+impl Locals {
+    fn take(&mut self, d: usize) -> User {
+        let local = self.0[d];
+        self.0[d] += 1;
+        User { domain: d, local }
+    }
+}
+
+/// Where `mixed` puts each kind of event in a sender's cycle of ten: six messages, an edit of
+/// the sender's message three events before, a reaction to the peer's message one event before,
+/// typing, and a delete of the sender's message one event before.
+const MIXED_CYCLE: u64 = 10;
+
 impl Workload {
-    /// `users / 2` sessions; session `k` is between users `2k` and `2k + 1`, whose domains cycle
-    /// through every unordered pair of distinct domains so all federation links carry traffic.
-    /// Senders take turns so that one direction of every session goes first, then the other.
-    pub fn one_to_one(users: usize, domains: usize) -> Result<Self> {
+    /// 1:1 pairs: `users / 2` sessions; session `k` is between users `2k` and `2k + 1`, whose
+    /// domains cycle through every unordered pair of distinct domains so all federation links
+    /// carry traffic. Senders take turns so that one direction of every session goes first,
+    /// then the other.
+    pub fn pairs(users: usize, domains: usize, mixed: bool) -> Result<Self> {
         if domains < 2 {
-            bail!("one-to-one needs at least 2 domains (got {domains})");
+            bail!("1:1 scenarios need at least 2 domains (got {domains})");
         }
         if users < 2 {
-            bail!("one-to-one needs at least 2 users (got {users})");
+            bail!("1:1 scenarios need at least 2 users (got {users})");
         }
         let sessions = users / 2;
         let mut domain_pairs = Vec::new();
@@ -87,43 +266,186 @@ impl Workload {
                 domain_pairs.push((a, b));
             }
         }
-        let mut next_local = vec![0u32; domains];
-        let mut take = |d: usize| {
-            let local = next_local[d];
-            next_local[d] += 1;
-            User { domain: d, local }
-        };
+        let mut locals = Locals(vec![0; domains]);
         let mut out = Vec::with_capacity(sessions * 2);
         let mut peer = Vec::with_capacity(sessions * 2);
         for k in 0..sessions {
             let (a, b) = domain_pairs[k % domain_pairs.len()];
-            out.push(take(a));
-            out.push(take(b));
+            out.push(locals.take(a));
+            out.push(locals.take(b));
             peer.push(2 * k + 1);
             peer.push(2 * k);
         }
-        let send_order = (0..sessions)
+        let send_order: Vec<usize> = (0..sessions)
             .map(|k| 2 * k)
             .chain((0..sessions).map(|k| 2 * k + 1))
             .collect();
-        Ok(Self {
+        Ok(Self::new(
             domains,
-            users: out,
-            peer,
+            out,
             send_order,
-        })
+            Vec::new(),
+            Pattern::Pairs { peer, mixed },
+        ))
     }
 
-    /// How many 1:1 sessions the workload opens.
+    /// Fan-out: `channels` senders in the first domain, and `members` users spread over all
+    /// domains who are members of every channel.
+    pub fn channels(channels: usize, members: usize, domains: usize) -> Result<Self> {
+        if channels == 0 || members == 0 {
+            bail!("fan-out needs at least one channel and one member");
+        }
+        let mut locals = Locals(vec![0; domains.max(1)]);
+        let mut users: Vec<User> = (0..channels).map(|_| locals.take(0)).collect();
+        let audience: Vec<usize> = (0..members)
+            .map(|m| {
+                users.push(locals.take(m % domains.max(1)));
+                users.len() - 1
+            })
+            .collect();
+        let senders: Vec<usize> = (0..channels).collect();
+        Ok(Self::new(
+            domains,
+            users,
+            senders.clone(),
+            audience,
+            Pattern::Channels { senders },
+        ))
+    }
+
+    /// Presence: `publishers` users in the first domain, each followed by the same
+    /// `subscribers` users of the other domains.
+    pub fn presence(publishers: usize, subscribers: usize, domains: usize) -> Result<Self> {
+        if domains < 2 {
+            bail!("presence-storm needs at least 2 domains (got {domains})");
+        }
+        if publishers == 0 || subscribers == 0 {
+            bail!("presence-storm needs at least one publisher and one subscriber");
+        }
+        let mut locals = Locals(vec![0; domains]);
+        let mut users: Vec<User> = (0..publishers).map(|_| locals.take(0)).collect();
+        let audience: Vec<usize> = (0..subscribers)
+            .map(|s| {
+                users.push(locals.take(1 + s % (domains - 1)));
+                users.len() - 1
+            })
+            .collect();
+        let publishers: Vec<usize> = (0..publishers).collect();
+        Ok(Self::new(
+            domains,
+            users,
+            publishers.clone(),
+            audience,
+            Pattern::Presence { publishers },
+        ))
+    }
+
+    fn new(
+        domains: usize,
+        users: Vec<User>,
+        send_order: Vec<usize>,
+        audience: Vec<usize>,
+        pattern: Pattern,
+    ) -> Self {
+        let mut position = vec![usize::MAX; users.len()];
+        for (p, &u) in send_order.iter().enumerate() {
+            position[u] = p;
+        }
+        Self {
+            domains,
+            users,
+            send_order,
+            position,
+            audience,
+            pattern,
+        }
+    }
+
+    /// How many sessions the workload uses (1:1 sessions, channels, or presence publishers).
     pub fn sessions(&self) -> usize {
-        self.users.len() / 2
+        match &self.pattern {
+            Pattern::Pairs { peer, .. } => peer.len() / 2,
+            Pattern::Channels { senders } => senders.len(),
+            Pattern::Presence { publishers } => publishers.len(),
+        }
     }
 
-    /// Sender, recipient and the sender's own message number for message `i`.
-    pub fn message(&self, i: u64) -> (usize, usize, u64) {
-        let n = self.send_order.len() as u64;
-        let sender = self.send_order[(i % n) as usize];
-        (sender, self.peer[sender], i / n)
+    /// Whether every event has many recipients (channel members, followers).
+    pub fn is_fan_out(&self) -> bool {
+        !matches!(self.pattern, Pattern::Pairs { .. })
+    }
+
+    /// Whether edits, reactions, typing and deletes are among the messages.
+    pub fn is_mixed(&self) -> bool {
+        matches!(self.pattern, Pattern::Pairs { mixed: true, .. })
+    }
+
+    /// Whether the events are presence updates.
+    pub fn is_presence(&self) -> bool {
+        matches!(self.pattern, Pattern::Presence { .. })
+    }
+
+    /// The 1:1 peer of `u` (pairs only).
+    pub fn peer(&self, u: usize) -> Option<usize> {
+        match &self.pattern {
+            Pattern::Pairs { peer, .. } => peer.get(u).copied(),
+            _ => None,
+        }
+    }
+
+    /// The users event `i` is delivered to.
+    pub fn recipients(&self, ev: &Event) -> &[usize] {
+        match &self.pattern {
+            Pattern::Pairs { peer, .. } => std::slice::from_ref(&peer[ev.sender]),
+            _ => &self.audience,
+        }
+    }
+
+    /// The global index of sender `u`'s event number `n`.
+    pub fn global_of(&self, u: usize, n: u64) -> u64 {
+        n * self.send_order.len() as u64 + self.position[u] as u64
+    }
+
+    /// Event `i`: who sends it, its sender's number, and what it does.
+    pub fn event(&self, i: u64) -> Event {
+        let senders = self.send_order.len() as u64;
+        let sender = self.send_order[(i % senders) as usize];
+        let n = i / senders;
+        let (action, channel) = match &self.pattern {
+            Pattern::Pairs { mixed: false, .. } => (Action::Message, None),
+            Pattern::Pairs { peer, mixed: true } => {
+                let action = match n % MIXED_CYCLE {
+                    3 => Action::Edit {
+                        target: self.global_of(sender, n - 3),
+                    },
+                    5 => Action::Reaction {
+                        target: self.global_of(peer[sender], n - 1),
+                    },
+                    7 => Action::Typing,
+                    9 => Action::Delete {
+                        target: self.global_of(sender, n - 1),
+                    },
+                    _ => Action::Message,
+                };
+                (action, None)
+            }
+            Pattern::Channels { .. } => (Action::Message, Some(sender)),
+            Pattern::Presence { .. } => {
+                const STATES: [&str; 4] = ["available", "away", "busy", "do_not_disturb"];
+                (
+                    Action::Presence {
+                        availability: STATES[(n % 4) as usize],
+                    },
+                    None,
+                )
+            }
+        };
+        Event {
+            sender,
+            n,
+            action,
+            channel,
+        }
     }
 }
 
@@ -343,12 +665,13 @@ mod tests {
 
     #[test]
     fn one_to_one_pairs_span_domains() -> Result<()> {
-        let w = Workload::one_to_one(1000, 4)?;
+        let w = Workload::pairs(1000, 4, false)?;
         assert_eq!(w.users.len(), 1000);
         assert_eq!(w.sessions(), 500);
         let mut pairs = BTreeMap::new();
-        for (u, &p) in w.peer.iter().enumerate() {
-            assert_eq!(w.peer[p], u, "peers are symmetric");
+        for u in 0..w.users.len() {
+            let p = w.peer(u).ok_or_else(|| anyhow!("no peer"))?;
+            assert_eq!(w.peer(p), Some(u), "peers are symmetric");
             assert_ne!(
                 w.users[u].domain, w.users[p].domain,
                 "peers in different domains"
@@ -367,27 +690,82 @@ mod tests {
         }
         assert!(per.iter().all(|&c| (240..=260).contains(&c)), "{per:?}");
         // Odd user counts drop the last user; too few domains/users are refused.
-        assert_eq!(Workload::one_to_one(7, 3)?.users.len(), 6);
-        assert!(Workload::one_to_one(10, 1).is_err());
-        assert!(Workload::one_to_one(1, 2).is_err());
+        assert_eq!(Workload::pairs(7, 3, false)?.users.len(), 6);
+        assert!(Workload::pairs(10, 1, false).is_err());
+        assert!(Workload::pairs(1, 2, false).is_err());
         Ok(())
     }
 
     #[test]
-    fn messages_round_robin_over_senders() -> Result<()> {
-        let w = Workload::one_to_one(6, 2)?;
-        let senders: Vec<usize> = (0..6).map(|i| w.message(i).0).collect();
+    fn events_round_robin_over_senders() -> Result<()> {
+        let w = Workload::pairs(6, 2, false)?;
+        let senders: Vec<usize> = (0..6).map(|i| w.event(i).sender).collect();
         assert_eq!(senders, vec![0, 2, 4, 1, 3, 5]);
-        let (s, r, n) = w.message(7);
-        assert_eq!((s, r, n), (2, 3, 1));
-        // Every sender sends the same number of messages per round.
+        let e = w.event(7);
+        assert_eq!((e.sender, w.recipients(&e), e.n), (2, &[3usize][..], 1));
+        // Every sender sends the same number of events per round, to its peer.
         let mut count = [0u64; 6];
         for i in 0..600 {
-            let (s, r, _) = w.message(i);
-            assert_eq!(w.peer[s], r);
-            count[s] += 1;
+            let e = w.event(i);
+            assert_eq!(w.recipients(&e), &[w.peer(e.sender).unwrap_or(99)]);
+            assert_eq!(w.global_of(e.sender, e.n), i);
+            count[e.sender] += 1;
         }
         assert!(count.iter().all(|&c| c == 100));
+        Ok(())
+    }
+
+    #[test]
+    fn mixed_cycle() -> Result<()> {
+        let w = Workload::pairs(2, 2, true)?;
+        let kinds: Vec<&str> = (0..20)
+            .filter(|i| i % 2 == 0)
+            .map(|i| w.event(i).action.kind())
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                "message", "message", "message", "edit", "message", "reaction", "message",
+                "typing", "message", "delete"
+            ]
+        );
+        assert!(w.is_mixed() && !w.is_fan_out() && !w.is_presence());
+        Ok(())
+    }
+
+    #[test]
+    fn fan_out_and_presence_audiences() -> Result<()> {
+        let w = Workload::channels(3, 10, 4)?;
+        assert_eq!(w.users.len(), 13);
+        assert_eq!(w.audience.len(), 10);
+        assert_eq!(w.sessions(), 3);
+        let e = w.event(4);
+        assert_eq!((e.sender, e.channel, e.n), (1, Some(1), 1));
+        assert_eq!(w.recipients(&e).len(), 10);
+        assert!(w.users[..3].iter().all(|u| u.domain == 0));
+        assert!(Workload::channels(0, 10, 2).is_err());
+
+        let w = Workload::presence(2, 5, 3)?;
+        assert_eq!(w.users.len(), 7);
+        assert!(w.is_presence() && w.is_fan_out());
+        assert!(
+            w.audience.iter().all(|&u| w.users[u].domain != 0),
+            "followers elsewhere"
+        );
+        let states: Vec<_> = (0..8).map(|i| w.event(i).action).collect();
+        assert_eq!(
+            states[0],
+            Action::Presence {
+                availability: "available"
+            }
+        );
+        assert_eq!(
+            states[2],
+            Action::Presence {
+                availability: "away"
+            }
+        );
+        assert!(Workload::presence(1, 1, 1).is_err());
         Ok(())
     }
 
@@ -422,5 +800,8 @@ mod tests {
             "u9"
         );
         assert_eq!(ScenarioKind::OneToOne.to_string(), "one-to-one");
+        assert_eq!(ScenarioKind::PresenceStorm.to_string(), "presence-storm");
+        assert_eq!(ScenarioKind::FanOut.protocols(), &[Protocol::Grpc]);
+        assert_eq!(ScenarioKind::Mixed.default_protocol(), Protocol::Http);
     }
 }

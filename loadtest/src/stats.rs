@@ -312,6 +312,22 @@ pub fn read_peak_rss_kb(pid: u32) -> Option<u64> {
         .and_then(parse_vm_hwm_kb)
 }
 
+/// `VmRSS:` of a `/proc/<pid>/status`, in kB.
+pub fn parse_vm_rss_kb(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The resident memory of a process now.
+pub fn read_rss_kb(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .as_deref()
+        .and_then(parse_vm_rss_kb)
+}
+
 /// What the run ran on.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct MachineInfo {

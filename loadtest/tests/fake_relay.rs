@@ -23,7 +23,7 @@ use relay_loadtest::plan::DomainSpec;
 use relay_loadtest::receiver::ReceiveMode;
 use relay_loadtest::report::RunResult;
 use relay_loadtest::runner::{DeploymentSpec, RunOptions, run_and_report};
-use relay_loadtest::scenario::{ScenarioKind, domain_name};
+use relay_loadtest::scenario::{Protocol, ScenarioKind, Shape, domain_name};
 use relay_loadtest::sign::{self, unix_now_secs};
 use relay_loadtest::system::free_ports;
 
@@ -335,13 +335,19 @@ fn fake(n: usize, faults: Faults, webhook: Option<String>) -> Arc<Fake> {
 fn opts(rate: f64) -> RunOptions {
     RunOptions {
         scenario: ScenarioKind::OneToOne,
-        users: 40,
+        protocol: Protocol::Http,
+        shape: Shape {
+            users: 40,
+            ..Shape::default()
+        },
         rate,
         duration: Duration::from_millis(1000),
         warmup: Duration::from_millis(200),
         max_inflight: 64,
         drain_timeout: Duration::from_secs(3),
         request_timeout: Duration::from_secs(5),
+        retry_for: Duration::ZERO,
+        faults: Default::default(),
         quiet: true,
     }
 }
@@ -368,10 +374,12 @@ async fn run_against(
         spawn_pusher(f.clone(), u.clone());
     }
     let spec = DeploymentSpec::Target {
-        target: format!("http://{addr}"),
+        targets: vec![format!("http://{addr}")],
+        grpc_targets: Vec::new(),
         admin: Some(format!("http://{addr}")),
         domains: domains(3),
         webhook_listen,
+        tls: Default::default(),
     };
     let r = run_and_report(
         spec,
@@ -424,6 +432,44 @@ async fn loss_is_caught_end_to_end() -> Result<()> {
     assert!(!r.passed);
     assert_eq!(r.contract.lost, 12, "{:#?}", r.contract);
     assert!(r.counts.drain_timed_out);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_exits_1_when_the_contract_breaks() -> Result<()> {
+    let faults = Faults {
+        drop_every: Some(25),
+        ..Default::default()
+    };
+    let f = fake(2, faults, None);
+    let addr = serve(f).await?;
+    let out = tempfile::tempdir()?;
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay-loadtest"));
+    cmd.args(["run", "one-to-one", "--target"])
+        .arg(format!("http://{addr}"))
+        .args([
+            "--rate",
+            "200",
+            "--duration",
+            "1s",
+            "--warmup",
+            "0s",
+            "--users",
+            "8",
+        ])
+        .args(["--drain-timeout", "1s", "--quiet", "--out"])
+        .arg(out.path());
+    for d in domains(2) {
+        cmd.arg("--domain").arg(format!("{}={}", d.name, d.secret));
+    }
+    let output = cmd.output().await?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("contract              FAILED  lost 8"),
+        "{stdout}"
+    );
+    assert!(out.path().join("result.json").is_file());
     Ok(())
 }
 
