@@ -1,0 +1,350 @@
+{{/* Names */}}
+{{- define "fedrelay.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "fedrelay.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "fedrelay.headless" -}}
+{{- printf "%s-headless" (include "fedrelay.fullname" .) }}
+{{- end }}
+
+{{- define "fedrelay.admin" -}}
+{{- printf "%s-admin" (include "fedrelay.fullname" .) }}
+{{- end }}
+
+{{- define "fedrelay.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "fedrelay.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Labels */}}
+{{- define "fedrelay.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "fedrelay.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: fedrelay
+{{- end }}
+
+{{/* The relay pods; etcd, redis and loadtest pods have their own component. */}}
+{{- define "fedrelay.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "fedrelay.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: relay
+{{- end }}
+
+{{- define "fedrelay.componentSelector" -}}
+app.kubernetes.io/name: {{ include "fedrelay.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "fedrelay.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Whether the nodes form a cluster (etcd membership, gRPC between nodes): "true" or "". */}}
+{{- define "fedrelay.clustered" -}}
+{{- if or (gt (int .Values.replicas) 1) .Values.autoscaling.enabled .Values.cluster.enabled }}true{{ end }}
+{{- end }}
+
+{{/* The store backend: store.backend, or redis when a Redis is configured, else memory. */}}
+{{- define "fedrelay.storeBackend" -}}
+{{- if .Values.store.backend }}{{ .Values.store.backend }}
+{{- else if or .Values.redis.enabled .Values.externalRedis.url }}redis
+{{- else }}memory
+{{- end }}
+{{- end }}
+
+{{/* Redis URL without credentials (it goes into the ConfigMap). */}}
+{{- define "fedrelay.redisUrl" -}}
+{{- if .Values.redis.enabled }}
+{{- printf "redis://%s-redis:6379" (include "fedrelay.fullname" .) }}
+{{- else }}
+{{- .Values.externalRedis.url }}
+{{- end }}
+{{- end }}
+
+{{/* The Redis URL with $(REDIS_PASSWORD), expanded by the kubelet from the Secret. */}}
+{{- define "fedrelay.redisUrlWithPassword" -}}
+{{- $rest := trimPrefix "redis://" (include "fedrelay.redisUrl" .) }}
+{{- printf "redis://%s:$(REDIS_PASSWORD)@%s" .Values.externalRedis.username $rest }}
+{{- end }}
+
+{{- define "fedrelay.redisPassword" -}}
+{{- if and (not .Values.redis.enabled) .Values.externalRedis.url .Values.externalRedis.password.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/* etcd client endpoints as a list (JSON). */}}
+{{- define "fedrelay.etcdEndpoints" -}}
+{{- if .Values.etcd.enabled }}
+{{- list (printf "http://%s-etcd:2379" (include "fedrelay.fullname" .)) | toJson }}
+{{- else }}
+{{- .Values.externalEtcd.endpoints | toJson }}
+{{- end }}
+{{- end }}
+
+{{/* The port of a URL (scheme://host:port/...), or the default given. */}}
+{{- define "fedrelay.urlPort" -}}
+{{- $hostport := regexReplaceAll "^[a-z]+://([^/]*).*$" .url "${1}" }}
+{{- $port := regexFind ":[0-9]+$" $hostport | trimPrefix ":" }}
+{{- default .default $port }}
+{{- end }}
+
+{{/* Where secrets are mounted in the pods. */}}
+{{- define "fedrelay.secretsDir" -}}/etc/fedrelay/secrets{{- end }}
+
+{{/* The Secret and key holding a domain's HMAC secret: "name/key", or "" when none. */}}
+{{- define "fedrelay.domainSecretRef" -}}
+{{- $d := .domain }}
+{{- $v := .root.Values }}
+{{- if and $d.secret $d.secret.existingSecret }}
+{{- printf "%s/%s" $d.secret.existingSecret (default $d.name $d.secret.key) }}
+{{- else if and $v.trialSecrets.enabled (hasKey $v.trialSecrets.domains $d.name) }}
+{{- printf "%s-trial/domain.%s" (include "fedrelay.fullname" .root) $d.name }}
+{{- end }}
+{{- end }}
+
+{{- define "fedrelay.teamsSecretRef" -}}
+{{- $t := .Values.teams }}
+{{- if $t.appPassword.existingSecret }}
+{{- printf "%s/%s" $t.appPassword.existingSecret (default "app-password" $t.appPassword.key) }}
+{{- else if and .Values.trialSecrets.enabled .Values.trialSecrets.teamsAppPassword }}
+{{- printf "%s-trial/teams-app-password" (include "fedrelay.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The projected volume's sources for the mounted secrets: every HTTP domain's HMAC secret at
+domains/<name>, the bot's password at teams/app-password; items grouped by Secret.
+*/}}
+{{- define "fedrelay.secretSources" -}}
+{{- $bySecret := dict }}
+{{- $order := list }}
+{{- range .Values.domains }}
+{{- if eq .platform "http" }}
+{{- $ref := include "fedrelay.domainSecretRef" (dict "domain" . "root" $) }}
+{{- if $ref }}
+{{- $name := regexReplaceAll "/.*$" $ref "" }}
+{{- $key := regexReplaceAll "^[^/]*/" $ref "" }}
+{{- if not (hasKey $bySecret $name) }}{{ $order = append $order $name }}{{ $_ := set $bySecret $name list }}{{ end }}
+{{- $_ := set $bySecret $name (append (get $bySecret $name) (dict "key" $key "path" (printf "domains/%s" .name))) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if .Values.teams.enabled }}
+{{- $ref := include "fedrelay.teamsSecretRef" . }}
+{{- if $ref }}
+{{- $name := regexReplaceAll "/.*$" $ref "" }}
+{{- $key := regexReplaceAll "^[^/]*/" $ref "" }}
+{{- if not (hasKey $bySecret $name) }}{{ $order = append $order $name }}{{ $_ := set $bySecret $name list }}{{ end }}
+{{- $_ := set $bySecret $name (append (get $bySecret $name) (dict "key" $key "path" "teams/app-password")) }}
+{{- end }}
+{{- end }}
+{{- $sources := list }}
+{{- range $order }}
+{{- $sources = append $sources (dict "secret" (dict "name" . "items" (get $bySecret .))) }}
+{{- end }}
+{{- $sources | toJson }}
+{{- end }}
+
+{{/* Grace period: preStop + drain + margin, or the user's value when it covers preStop + drain. */}}
+{{- define "fedrelay.preStopSeconds" -}}
+{{- if eq .Values.preStop.mode "none" }}0{{ else }}{{ int .Values.preStop.seconds }}{{ end }}
+{{- end }}
+
+{{- define "fedrelay.terminationGracePeriod" -}}
+{{- $need := add (int (include "fedrelay.preStopSeconds" .)) (int .Values.shutdown.drainTimeoutSecs) }}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add $need (int .Values.terminationGraceMarginSeconds) }}
+{{- else if lt (int .Values.terminationGracePeriodSeconds) (int $need) }}
+{{- fail (printf "terminationGracePeriodSeconds=%d does not cover preStop.seconds (%s) + shutdown.drainTimeoutSecs (%d) = %d: pods would be killed while draining. Raise it (with a margin of ~10 s), or leave it empty to have it computed." (int .Values.terminationGracePeriodSeconds) (include "fedrelay.preStopSeconds" .) (int .Values.shutdown.drainTimeoutSecs) (int $need)) }}
+{{- else }}
+{{- int .Values.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}
+
+{{/* The pod security context and the container security context every pod of the chart gets. */}}
+{{- define "fedrelay.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ int .runAsUser }}
+runAsGroup: {{ int .runAsGroup }}
+fsGroup: {{ int .fsGroup }}
+fsGroupChangePolicy: OnRootMismatch
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "fedrelay.containerSecurityContext" -}}
+runAsNonRoot: true
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+privileged: false
+capabilities:
+  drop:
+    - ALL
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/*
+Checks of values that the schema cannot express. Rendering fails with a message naming the
+values to change.
+*/}}
+{{- define "fedrelay.validate" -}}
+{{- $v := .Values }}
+{{- $clustered := include "fedrelay.clustered" . }}
+{{- $backend := include "fedrelay.storeBackend" . }}
+{{- $hasEtcd := or $v.etcd.enabled (gt (len $v.externalEtcd.endpoints) 0) }}
+{{- $hasRedis := or $v.redis.enabled $v.externalRedis.url }}
+{{- if and $v.etcd.enabled (gt (len $v.externalEtcd.endpoints) 0) }}
+{{- fail "give etcd.enabled=true (in-chart etcd) or externalEtcd.endpoints, not both" }}
+{{- end }}
+{{- if and $v.redis.enabled $v.externalRedis.url }}
+{{- fail "give redis.enabled=true (in-chart Redis) or externalRedis.url, not both" }}
+{{- end }}
+{{- if and $clustered (not (and $hasEtcd $hasRedis)) }}
+{{- $why := ternary (printf "replicas=%d" (int $v.replicas)) (ternary "autoscaling.enabled=true" "cluster.enabled=true" $v.autoscaling.enabled) (gt (int $v.replicas) 1) }}
+{{- fail (printf "%s makes a cluster, and a cluster needs etcd (membership) and Redis (shared sessions), but %s configured: set etcd.enabled=true and redis.enabled=true (small in-chart ones, for trials) or externalEtcd.endpoints and externalRedis.url. A single node (replicas=1) can run without either, with store.backend=memory." $why (ternary "neither is" (ternary "no Redis is" "no etcd is" $hasEtcd) (and (not $hasEtcd) (not $hasRedis)))) }}
+{{- end }}
+{{- if and $clustered (eq $backend "memory") }}
+{{- fail "a cluster shares its sessions in Redis: store.backend must be redis (or empty)" }}
+{{- end }}
+{{- if and (eq $backend "redis") (not $hasRedis) }}
+{{- fail "store.backend=redis needs a Redis: redis.enabled=true (in-chart, for trials) or externalRedis.url" }}
+{{- end }}
+{{- if and $clustered (not $v.cluster.tls.existingSecret) (not $v.cluster.allowPlaintext) }}
+{{- fail "gRPC between the nodes needs mTLS (cluster.tls.existingSecret: a Secret with tls.crt, tls.key, ca.crt) or cluster.allowPlaintext=true on a network only the relay pods reach (networkPolicy.enabled=true)" }}
+{{- end }}
+{{- if and (not $v.http.tls.existingSecret) (not $v.http.allowPlaintext) }}
+{{- fail "the HTTP edge needs http.tls.existingSecret (a kubernetes.io/tls Secret), or http.allowPlaintext=true behind a TLS-terminating Ingress" }}
+{{- end }}
+{{- if and (contains "@" $v.externalRedis.url) }}
+{{- fail "externalRedis.url must not hold credentials (it goes into a ConfigMap): give the password in externalRedis.password.existingSecret" }}
+{{- end }}
+{{- $names := dict }}
+{{- range $v.domains }}
+{{- if hasKey $names (lower .name) }}
+{{- fail (printf "domains: %s is declared twice" .name) }}
+{{- end }}
+{{- $_ := set $names (lower .name) true }}
+{{- if eq .platform "http" }}
+{{- if not (include "fedrelay.domainSecretRef" (dict "domain" . "root" $)) }}
+{{- fail (printf "domains: %s needs secret.existingSecret (a Secret you create holding its HMAC secret; see docs/operations.md), or for trials trialSecrets.enabled=true with trialSecrets.domains.%s" .name .name) }}
+{{- end }}
+{{- if and (eq (default "stream" .delivery) "webhook") (not .webhookUrl) }}
+{{- fail (printf "domains: %s has delivery webhook but no webhookUrl" .name) }}
+{{- end }}
+{{- else if eq .platform "teams" }}
+{{- if not $v.teams.enabled }}
+{{- fail (printf "domains: %s is a Teams domain: set teams.enabled=true with the bot's appId, appTenantId and appPassword" .name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $v.federation }}
+{{- range .between }}
+{{- if not (hasKey $names (lower .)) }}
+{{- fail (printf "federation: %s is not one of the domains" .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and $v.teams.enabled (not (include "fedrelay.teamsSecretRef" .)) }}
+{{- fail "teams.enabled needs the bot's password: teams.appPassword.existingSecret, or for trials trialSecrets.enabled=true with trialSecrets.teamsAppPassword" }}
+{{- end }}
+{{- if and $v.teams.enabled (or (not $v.teams.appId) (not $v.teams.appTenantId)) }}
+{{- fail "teams.enabled needs teams.appId and teams.appTenantId" }}
+{{- end }}
+{{- if $v.loadtest.enabled }}
+{{- $http := 0 }}
+{{- range $v.domains }}{{ if eq .platform "http" }}{{ $http = add1 $http }}{{ end }}{{ end }}
+{{- if lt $http 2 }}
+{{- fail "loadtest.enabled: the harness plays the config's HTTP domains; declare at least two (federated with each other, delivery stream)" }}
+{{- end }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
+{{- fail "autoscaling.minReplicas is larger than autoscaling.maxReplicas" }}
+{{- end }}
+{{- $_ := include "fedrelay.terminationGracePeriod" . }}
+{{- end }}
+
+{{/* The config file, secrets and TLS material, as the relay pods and the loadtest Job mount them. */}}
+{{- define "fedrelay.volumeMounts" -}}
+- name: config
+  mountPath: /etc/fedrelay/relay.toml
+  subPath: relay.toml
+  readOnly: true
+{{- if ne (include "fedrelay.secretSources" .) "[]" }}
+- name: secrets
+  mountPath: {{ include "fedrelay.secretsDir" . }}
+  readOnly: true
+{{- end }}
+{{- if .Values.http.tls.existingSecret }}
+- name: http-tls
+  mountPath: /etc/fedrelay/tls
+  readOnly: true
+{{- end }}
+{{- if and (include "fedrelay.clustered" .) .Values.cluster.tls.existingSecret }}
+- name: cluster-tls
+  mountPath: /etc/fedrelay/cluster
+  readOnly: true
+{{- end }}
+- name: tmp
+  mountPath: /tmp
+{{- end }}
+
+{{- define "fedrelay.volumes" -}}
+- name: config
+  configMap:
+    name: {{ include "fedrelay.fullname" . }}
+{{- $sources := include "fedrelay.secretSources" . }}
+{{- if ne $sources "[]" }}
+- name: secrets
+  projected:
+    defaultMode: 288 # 0440
+    sources:
+      {{- $sources | fromJsonArray | toYaml | nindent 6 }}
+{{- end }}
+{{- if .Values.http.tls.existingSecret }}
+- name: http-tls
+  secret:
+    secretName: {{ .Values.http.tls.existingSecret }}
+    defaultMode: 288 # 0440
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+{{- end }}
+{{- if and (include "fedrelay.clustered" .) .Values.cluster.tls.existingSecret }}
+- name: cluster-tls
+  secret:
+    secretName: {{ .Values.cluster.tls.existingSecret }}
+    defaultMode: 288 # 0440
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+      - key: ca.crt
+        path: ca.crt
+{{- end }}
+- name: tmp
+  emptyDir:
+    sizeLimit: 64Mi
+{{- end }}

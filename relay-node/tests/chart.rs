@@ -1,0 +1,1080 @@
+//! The Helm chart, `charts/fedrelay`: linted, rendered with its default values and every
+//! `ci/*.yaml`, every rendered object validated against the Kubernetes API schemas, the
+//! rendered `relay.toml` accepted by `relay-node check-config`, and what deployments rely on
+//! checked in the manifests (locked-down pods, a grace period that covers the drain, probes,
+//! no secret outside a Secret, alerts on metrics the relay exports, clear failures for bad values).
+//!
+//! Needs `helm` and `kubernetes-validate`: `tools/chart-tools` installs them into `.tools/`
+//! (`tools/test` runs it); `CHART_TEST_HELM` and `CHART_TEST_KUBERNETES_VALIDATE` point elsewhere.
+
+use anyhow::{Context, Result, bail, ensure};
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const RELEASE: &str = "rel";
+const NAMESPACE: &str = "relay";
+/// The chart's objects are checked against this Kubernetes version's API schemas.
+const KUBERNETES_VERSION: &str = "1.31.0";
+/// The Prometheus Operator's kinds, which the core schemas do not have: checked here instead.
+const OPERATOR_KINDS: [&str; 2] = ["ServiceMonitor", "PrometheusRule"];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn chart() -> PathBuf {
+    repo().join("charts/fedrelay")
+}
+
+fn tool(env: &str, installed: &str) -> Result<PathBuf> {
+    let path = match std::env::var_os(env) {
+        Some(p) => PathBuf::from(p),
+        None => repo().join(".tools").join(installed),
+    };
+    ensure!(
+        path.is_file(),
+        "{} not found: run tools/chart-tools (tools/test does) to install helm and \
+         kubernetes-validate into .tools/, or set {env} to the program",
+        path.display()
+    );
+    Ok(path)
+}
+
+fn helm() -> Result<Command> {
+    Ok(Command::new(tool("CHART_TEST_HELM", "bin/helm")?))
+}
+
+fn kubernetes_validate() -> Result<Command> {
+    Ok(Command::new(tool(
+        "CHART_TEST_KUBERNETES_VALIDATE",
+        "venv/bin/kubernetes-validate",
+    )?))
+}
+
+fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `ci/*.yaml`, sorted.
+fn ci_files() -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(chart().join("ci"))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            files.push(path);
+        }
+    }
+    files.sort();
+    ensure!(files.len() >= 4, "expected the chart's ci/*.yaml variants");
+    Ok(files)
+}
+
+/// The default values, then each ci file: (name, values file).
+fn cases() -> Result<Vec<(String, Option<PathBuf>)>> {
+    let mut cases = vec![("default values".to_string(), None)];
+    for f in ci_files()? {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        cases.push((format!("ci/{name}"), Some(f)));
+    }
+    Ok(cases)
+}
+
+/// `helm template` with the given values file and `--set`s; the manifests, or helm's error.
+fn template(values: Option<&Path>, sets: &[&str]) -> Result<std::result::Result<String, String>> {
+    let mut cmd = helm()?;
+    cmd.args(["template", RELEASE])
+        .arg(chart())
+        .args(["--namespace", NAMESPACE]);
+    if let Some(v) = values {
+        cmd.arg("--values").arg(v);
+    }
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().context("running helm template")?;
+    Ok(if out.status.success() {
+        Ok(String::from_utf8(out.stdout)?)
+    } else {
+        Err(output_text(&out))
+    })
+}
+
+fn render(name: &str, values: Option<&Path>) -> Result<Vec<Value>> {
+    match template(values, &[])? {
+        Ok(yaml) => documents(&yaml).with_context(|| format!("{name}: parsing the manifests")),
+        Err(e) => bail!("{name}: helm template failed:\n{e}"),
+    }
+}
+
+/// The YAML documents of a multi-document stream, empty ones left out.
+fn documents(yaml: &str) -> Result<Vec<Value>> {
+    let mut docs = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(yaml) {
+        let v = Value::deserialize(doc)?;
+        if !v.is_null() {
+            docs.push(v);
+        }
+    }
+    Ok(docs)
+}
+
+fn kind(doc: &Value) -> &str {
+    doc["kind"].as_str().unwrap_or("")
+}
+
+fn name(doc: &Value) -> &str {
+    doc["metadata"]["name"].as_str().unwrap_or("")
+}
+
+fn find<'a>(docs: &'a [Value], k: &str, n: &str) -> Result<&'a Value> {
+    docs.iter()
+        .find(|d| kind(d) == k && name(d) == n)
+        .with_context(|| format!("no {k} {n} rendered"))
+}
+
+fn fullname() -> String {
+    format!("{RELEASE}-fedrelay")
+}
+
+fn relay_toml(docs: &[Value]) -> Result<String> {
+    find(docs, "ConfigMap", &fullname())?["data"]["relay.toml"]
+        .as_str()
+        .map(str::to_owned)
+        .context("the ConfigMap has no relay.toml")
+}
+
+fn relay_container(sts: &Value) -> Result<&Value> {
+    sts["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == "relay"))
+        .context("the StatefulSet has no relay container")
+}
+
+/// The relay container's environment as the kubelet would give it to pod 0: field refs and
+/// Secret refs filled in with stand-ins, `$(VAR)` references expanded.
+fn pod_env(sts: &Value) -> Result<Vec<(String, String)>> {
+    let pod = format!("{}-0", name(sts));
+    let mut env: Vec<(String, String)> = Vec::new();
+    for e in relay_container(sts)?["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let var = e["name"]
+            .as_str()
+            .context("env entry without name")?
+            .to_string();
+        let value = if let Some(v) = e["value"].as_str() {
+            let mut v = v.to_string();
+            for (k, val) in &env {
+                v = v.replace(&format!("$({k})"), val);
+            }
+            v
+        } else if e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name" {
+            pod.clone()
+        } else if e["valueFrom"]["secretKeyRef"].is_object() {
+            "from-a-secret".to_string()
+        } else {
+            bail!("env {var}: a source this test does not know: {e}");
+        };
+        env.push((var, value));
+    }
+    Ok(env)
+}
+
+fn check_config(toml: &Path, env: &[(String, String)], skip_secret_files: bool) -> Result<Output> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_relay-node"));
+    cmd.env_clear()
+        .envs(env.iter().cloned())
+        .arg("check-config");
+    if skip_secret_files {
+        cmd.arg("--skip-secret-files");
+    }
+    Ok(cmd.arg(toml).output()?)
+}
+
+fn toml_table(text: &str) -> Result<toml::Table> {
+    Ok(toml::from_str(text)?)
+}
+
+fn toml_int(t: &toml::Table, section: &str, key: &str) -> Result<i64> {
+    t.get(section)
+        .and_then(|s| s.get(key))
+        .and_then(toml::Value::as_integer)
+        .with_context(|| format!("relay.toml has no integer {section}.{key}"))
+}
+
+fn listen_port(t: &toml::Table, section: &str) -> Result<i64> {
+    let listen = t
+        .get(section)
+        .and_then(|s| s.get("listen"))
+        .and_then(toml::Value::as_str)
+        .with_context(|| format!("relay.toml has no {section}.listen"))?;
+    listen
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .with_context(|| format!("{section}.listen {listen} has no port"))
+}
+
+#[test]
+fn helm_lint_passes_with_the_default_values_and_every_ci_file() -> Result<()> {
+    for (case, values) in cases()? {
+        let mut cmd = helm()?;
+        cmd.args(["lint", "--strict"]).arg(chart());
+        if let Some(v) = &values {
+            cmd.arg("--values").arg(v);
+        }
+        let out = cmd.output().context("running helm lint")?;
+        ensure!(
+            out.status.success(),
+            "helm lint --strict, {case}:\n{}",
+            output_text(&out)
+        );
+    }
+    Ok(())
+}
+
+/// Every object of every case against the Kubernetes API schemas (strict: unknown fields are
+/// errors); the Prometheus Operator's objects, which those schemas do not cover, field by field.
+#[test]
+fn rendered_objects_validate_against_the_kubernetes_api_schemas() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut files = Vec::new();
+    let mut core_objects = 0;
+    let mut operator_objects = 0;
+    let metrics = exported_metric_names()?;
+    for (i, (case, values)) in cases()?.into_iter().enumerate() {
+        let yaml = match template(values.as_deref(), &[])? {
+            Ok(yaml) => yaml,
+            Err(e) => bail!("{case}: helm template failed:\n{e}"),
+        };
+        let docs = documents(&yaml)?;
+        // helm's own text goes to the validator, which reads YAML as Kubernetes does.
+        let mut core = Vec::new();
+        for text in yaml.split("\n---\n") {
+            let Some(doc) = documents(text)?.pop() else {
+                continue;
+            };
+            if OPERATOR_KINDS.contains(&kind(&doc)) {
+                check_operator_object(&case, &doc, &docs, &metrics)?;
+                operator_objects += 1;
+            } else {
+                core.push(text);
+            }
+        }
+        ensure!(
+            core.len() + operator_objects_in(&docs) == docs.len(),
+            "{case}: splitting the manifests lost objects"
+        );
+        core_objects += core.len();
+        let file = dir.path().join(format!("case-{i}.yaml"));
+        std::fs::write(&file, core.join("\n---\n"))?;
+        files.push((case, file));
+    }
+    ensure!(
+        operator_objects >= 2,
+        "no ci file renders the ServiceMonitor and the PrometheusRule"
+    );
+
+    let out = kubernetes_validate()?
+        .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+        .args(files.iter().map(|(_, f)| f))
+        .output()
+        .context("running kubernetes-validate")?;
+    let text = output_text(&out);
+    let named = || {
+        let mut t = text.clone();
+        for (case, f) in &files {
+            t = t.replace(&f.display().to_string(), case);
+        }
+        t
+    };
+    ensure!(
+        out.status.success(),
+        "kubernetes-validate failed:\n{}",
+        named()
+    );
+    // A kind without a schema is only a warning to kubernetes-validate: not here.
+    let problems: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("INFO"))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    ensure!(
+        problems.is_empty(),
+        "kubernetes-validate did not pass everything:\n{}",
+        named()
+    );
+    let passed = text.lines().filter(|l| l.contains(" passed ")).count();
+    ensure!(
+        passed == core_objects,
+        "{passed} objects passed validation, {core_objects} were rendered:\n{}",
+        named()
+    );
+    Ok(())
+}
+
+fn operator_objects_in(docs: &[Value]) -> usize {
+    docs.iter()
+        .filter(|d| OPERATOR_KINDS.contains(&kind(d)))
+        .count()
+}
+
+/// The metric names the relay registers: every `"fedrelay_…"` literal in its sources.
+fn exported_metric_names() -> Result<BTreeSet<String>> {
+    let mut names = BTreeSet::new();
+    let mut dirs: Vec<PathBuf> = ["relay-node/src", "cluster/src", "session-actor/src"]
+        .iter()
+        .map(|d| repo().join(d))
+        .collect();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path)?;
+                for (i, _) in text.match_indices("\"fedrelay_") {
+                    let rest = &text[i + 1..];
+                    let end = rest
+                        .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                        .unwrap_or(rest.len());
+                    if rest[end..].starts_with('"') {
+                        names.insert(rest[..end].to_string());
+                    }
+                }
+            }
+        }
+    }
+    ensure!(
+        names.contains("fedrelay_messages_in_total") && names.len() > 20,
+        "found too few metric names in the sources: {names:?}"
+    );
+    Ok(names)
+}
+
+/// `fedrelay_…` names used in a PromQL text, each resolved to a metric the relay exports
+/// (histograms as `_bucket`, `_sum`, `_count`).
+fn check_metric_references(what: &str, text: &str, metrics: &BTreeSet<String>) -> Result<usize> {
+    let mut used = 0;
+    for (i, _) in text.match_indices("fedrelay_") {
+        if i > 0 && text[..i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
+            continue;
+        }
+        let rest = &text[i..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        let name = &rest[..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|b| metrics.contains(*b)))
+            .unwrap_or(name);
+        ensure!(
+            metrics.contains(base),
+            "{what} uses {name}, which the relay does not export"
+        );
+        used += 1;
+    }
+    Ok(used)
+}
+
+fn check_operator_object(
+    case: &str,
+    doc: &Value,
+    docs: &[Value],
+    metrics: &BTreeSet<String>,
+) -> Result<()> {
+    let what = format!("{case}: {} {}", kind(doc), name(doc));
+    ensure!(
+        doc["apiVersion"] == "monitoring.coreos.com/v1",
+        "{what}: apiVersion {}",
+        doc["apiVersion"]
+    );
+    ensure!(!name(doc).is_empty(), "{what}: no metadata.name");
+    let fields: BTreeSet<&str> = doc
+        .as_object()
+        .map(|o| o.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    ensure!(
+        fields == BTreeSet::from(["apiVersion", "kind", "metadata", "spec"]),
+        "{what}: top-level fields {fields:?}"
+    );
+    if kind(doc) == "ServiceMonitor" {
+        let selector = doc["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .context("ServiceMonitor without spec.selector.matchLabels")?;
+        let endpoints = doc["spec"]["endpoints"]
+            .as_array()
+            .filter(|e| !e.is_empty())
+            .context("ServiceMonitor without spec.endpoints")?;
+        // It must select the admin Service, and name a port that Service has.
+        let services: Vec<&Value> = docs
+            .iter()
+            .filter(|d| kind(d) == "Service")
+            .filter(|d| {
+                selector
+                    .iter()
+                    .all(|(k, v)| &d["metadata"]["labels"][k.as_str()] == v)
+            })
+            .collect();
+        ensure!(
+            services.len() == 1 && name(services[0]) == format!("{}-admin", fullname()),
+            "{what}: selects {:?}, not just the admin Service",
+            services.iter().map(|s| name(s)).collect::<Vec<_>>()
+        );
+        for e in endpoints {
+            let port = e["port"].as_str().context("endpoint without a port name")?;
+            ensure!(
+                services[0]["spec"]["ports"]
+                    .as_array()
+                    .is_some_and(|ps| ps.iter().any(|p| p["name"] == port)),
+                "{what}: port {port} is not a port of the admin Service"
+            );
+            ensure!(e["path"] == "/metrics", "{what}: path {}", e["path"]);
+        }
+    } else {
+        let groups = doc["spec"]["groups"]
+            .as_array()
+            .filter(|g| !g.is_empty())
+            .context("PrometheusRule without spec.groups")?;
+        let mut alerts = 0;
+        for g in groups {
+            ensure!(g["name"].is_string(), "{what}: a group without name");
+            for r in g["rules"].as_array().into_iter().flatten() {
+                let alert = r["alert"].as_str().context("a rule without alert")?;
+                let expr = r["expr"].as_str().context("a rule without expr")?;
+                ensure!(
+                    r["labels"]["severity"].is_string()
+                        && r["annotations"]["summary"].is_string()
+                        && r["annotations"]["description"].is_string(),
+                    "{what}: {alert} needs a severity, a summary and a description"
+                );
+                ensure!(
+                    expr.contains(&format!("namespace=\"{NAMESPACE}\"")),
+                    "{what}: {alert} is not scoped to the release's namespace"
+                );
+                if !expr.contains("fedrelay_") {
+                    ensure!(expr.starts_with("up{"), "{what}: {alert}: {expr}");
+                }
+                check_metric_references(&format!("{what}: {alert}"), expr, metrics)?;
+                alerts += 1;
+            }
+        }
+        ensure!(alerts >= 8, "{what}: only {alerts} alerts");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_grafana_dashboard_shows_metrics_the_relay_exports() -> Result<()> {
+    let metrics = exported_metric_names()?;
+    let docs = render(
+        "ci/production-external.yaml",
+        Some(&chart().join("ci/production-external.yaml")),
+    )?;
+    let cm = find(&docs, "ConfigMap", &format!("{}-dashboard", fullname()))?;
+    ensure!(
+        cm["metadata"]["labels"]["grafana_dashboard"] == "1",
+        "the dashboard ConfigMap lacks the grafana_dashboard label"
+    );
+    let dashboard: Value = serde_json::from_str(
+        cm["data"]["fedrelay.json"]
+            .as_str()
+            .context("no fedrelay.json in the dashboard ConfigMap")?,
+    )?;
+    let mut used = BTreeSet::new();
+    let mut panels = 0;
+    for p in dashboard["panels"].as_array().into_iter().flatten() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().context("a target without expr")?;
+            let title = p["title"].as_str().unwrap_or("?");
+            ensure!(
+                check_metric_references(&format!("dashboard panel {title}"), expr, &metrics)? > 0,
+                "dashboard panel {title}: {expr} uses no relay metric"
+            );
+            for (i, _) in expr.match_indices("fedrelay_") {
+                let rest = &expr[i..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                used.insert(rest[..end].trim_end_matches("_bucket").to_string());
+            }
+        }
+        panels += 1;
+    }
+    ensure!(panels >= 10, "only {panels} panels");
+    // Every metric the relay exports is on the dashboard.
+    let missing: Vec<&String> = metrics.iter().filter(|m| !used.contains(*m)).collect();
+    ensure!(missing.is_empty(), "not on the dashboard: {missing:?}");
+    Ok(())
+}
+
+/// The ConfigMap's relay.toml, with the environment a pod gets, passes `relay-node
+/// check-config` in every case; a broken one does not.
+#[test]
+fn the_rendered_relay_toml_passes_check_config() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for (i, (case, values)) in cases()?.into_iter().enumerate() {
+        let docs = render(&case, values.as_deref())?;
+        let toml = relay_toml(&docs)?;
+        let env = pod_env(find(&docs, "StatefulSet", &fullname())?)?;
+        let file = dir.path().join(format!("relay-{i}.toml"));
+        std::fs::write(&file, &toml)?;
+        let out = check_config(&file, &env, true)?;
+        ensure!(
+            out.status.success() && output_text(&out).contains(": ok ("),
+            "{case}: relay-node check-config refuses the rendered relay.toml:\n{}\n{toml}",
+            output_text(&out)
+        );
+        let uses_secret_files = toml.contains("secret_file") || toml.contains("password_file");
+        let out = check_config(&file, &env, false)?;
+        if uses_secret_files {
+            // The secret files exist only in the pod: reading them is what the flag skips.
+            ensure!(
+                !out.status.success(),
+                "{case}: check-config read secret files that do not exist here"
+            );
+        } else {
+            ensure!(
+                out.status.success(),
+                "{case}: without secret files, check-config must pass as it is:\n{}",
+                output_text(&out)
+            );
+        }
+        if case == "default values" {
+            ensure!(!uses_secret_files, "the default values declare domains");
+        }
+
+        // The check can fail: an unknown key, and a bad value in an environment override.
+        let broken = dir.path().join(format!("broken-{i}.toml"));
+        std::fs::write(&broken, format!("unknown_key = 1\n{toml}"))?;
+        let out = check_config(&broken, &env, true)?;
+        ensure!(
+            !out.status.success() && output_text(&out).contains("unknown_key"),
+            "{case}: a config with an unknown key passed check-config:\n{}",
+            output_text(&out)
+        );
+        let mut bad_env = env.clone();
+        bad_env.push(("FEDRELAY_ADMIN__LISTEN".into(), "not-an-address".into()));
+        let out = check_config(&file, &bad_env, true)?;
+        ensure!(
+            !out.status.success(),
+            "{case}: a bad environment override passed check-config"
+        );
+    }
+    Ok(())
+}
+
+fn pod_specs(docs: &[Value]) -> Vec<(String, &Value)> {
+    docs.iter()
+        .filter(|d| matches!(kind(d), "StatefulSet" | "Deployment" | "Job" | "DaemonSet"))
+        .map(|d| {
+            (
+                format!("{} {}", kind(d), name(d)),
+                &d["spec"]["template"]["spec"],
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn pods_are_locked_down_and_the_grace_period_covers_the_drain() -> Result<()> {
+    for (case, values) in cases()? {
+        let docs = render(&case, values.as_deref())?;
+        let pods = pod_specs(&docs);
+        ensure!(!pods.is_empty(), "{case}: no pods");
+        for (what, spec) in &pods {
+            let what = format!("{case}: {what}");
+            let psc = &spec["securityContext"];
+            ensure!(psc["runAsNonRoot"] == true, "{what}: runAsNonRoot not set");
+            ensure!(
+                psc["runAsUser"].as_i64().is_some_and(|u| u > 0),
+                "{what}: runAsUser {}",
+                psc["runAsUser"]
+            );
+            ensure!(
+                psc["seccompProfile"]["type"] == "RuntimeDefault",
+                "{what}: seccomp profile {}",
+                psc["seccompProfile"]
+            );
+            ensure!(
+                spec["automountServiceAccountToken"] == false,
+                "{what}: mounts a service account token"
+            );
+            let containers = spec["containers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .chain(spec["initContainers"].as_array().into_iter().flatten());
+            for c in containers {
+                let sc = &c["securityContext"];
+                let cname = c["name"].as_str().unwrap_or("?");
+                ensure!(
+                    sc["readOnlyRootFilesystem"] == true,
+                    "{what}/{cname}: root filesystem not read-only"
+                );
+                ensure!(
+                    sc["allowPrivilegeEscalation"] == false,
+                    "{what}/{cname}: privilege escalation allowed"
+                );
+                ensure!(
+                    sc["runAsNonRoot"] == true && sc["privileged"] != true,
+                    "{what}/{cname}: may run as root or privileged"
+                );
+                ensure!(
+                    sc["capabilities"]["drop"]
+                        .as_array()
+                        .is_some_and(|d| d.iter().any(|c| c == "ALL")),
+                    "{what}/{cname}: capabilities not all dropped"
+                );
+                ensure!(
+                    sc["capabilities"]["add"].is_null(),
+                    "{what}/{cname}: adds capabilities"
+                );
+                ensure!(
+                    c["resources"]["requests"].is_object(),
+                    "{what}/{cname}: no resource requests"
+                );
+            }
+        }
+
+        let sts = find(&docs, "StatefulSet", &fullname())?;
+        let toml = toml_table(&relay_toml(&docs)?)?;
+        let spec = &sts["spec"]["template"]["spec"];
+        let relay = relay_container(sts)?;
+        let pre_stop = &relay["lifecycle"]["preStop"];
+        let delay = if pre_stop.is_null() {
+            0
+        } else if let Some(s) = pre_stop["sleep"]["seconds"].as_i64() {
+            s
+        } else {
+            pre_stop["exec"]["command"][1]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .with_context(|| format!("{case}: preStop {pre_stop}"))?
+        };
+        ensure!(delay > 0, "{case}: no preStop delay");
+        let drain = toml_int(&toml, "shutdown", "drain_timeout_secs")?;
+        let grace = spec["terminationGracePeriodSeconds"]
+            .as_i64()
+            .with_context(|| format!("{case}: no terminationGracePeriodSeconds"))?;
+        ensure!(
+            grace >= delay + drain,
+            "{case}: terminationGracePeriodSeconds {grace} < preStop {delay} + drain {drain}"
+        );
+
+        // Probes on the admin listener the config opens.
+        let admin = listen_port(&toml, "admin")?;
+        let port_of = |name: &str| {
+            relay["ports"]
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+                .and_then(|p| p["containerPort"].as_i64())
+        };
+        ensure!(
+            port_of("admin") == Some(admin),
+            "{case}: admin port differs from admin.listen"
+        );
+        ensure!(
+            port_of("http") == Some(listen_port(&toml, "http")?),
+            "{case}: http port differs from http.listen"
+        );
+        for (probe, path) in [
+            ("readinessProbe", "/readyz"),
+            ("livenessProbe", "/healthz"),
+            ("startupProbe", "/healthz"),
+        ] {
+            let get = &relay[probe]["httpGet"];
+            ensure!(
+                get["path"] == path && get["port"] == "admin",
+                "{case}: {probe} is {}",
+                relay[probe]
+            );
+        }
+
+        // Stable node ids, the headless Service, the gRPC address peers dial.
+        let headless = format!("{}-headless", fullname());
+        ensure!(
+            sts["spec"]["serviceName"] == headless.as_str(),
+            "{case}: serviceName {}",
+            sts["spec"]["serviceName"]
+        );
+        ensure!(
+            sts["spec"]["podManagementPolicy"] == "Parallel",
+            "{case}: podManagementPolicy"
+        );
+        let svc = find(&docs, "Service", &headless)?;
+        ensure!(
+            svc["spec"]["clusterIP"] == "None" && svc["spec"]["publishNotReadyAddresses"] == true,
+            "{case}: the headless Service is {}",
+            svc["spec"]
+        );
+        let env = pod_env(sts)?;
+        let var = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        ensure!(
+            var("FEDRELAY_NODE_ID") == Some(&format!("{}-0", fullname())),
+            "{case}: FEDRELAY_NODE_ID is not the pod name"
+        );
+        if let Some(cluster) = toml.get("cluster") {
+            ensure!(
+                cluster.get("membership").and_then(toml::Value::as_str) == Some("etcd"),
+                "{case}: a cluster section without etcd membership"
+            );
+            let grpc = port_of("grpc").with_context(|| format!("{case}: no grpc port"))?;
+            ensure!(
+                var("FEDRELAY_CLUSTER__GRPC_ADVERTISE")
+                    == Some(&format!(
+                        "{}-0.{headless}.{NAMESPACE}.svc:{grpc}",
+                        fullname()
+                    )),
+                "{case}: FEDRELAY_CLUSTER__GRPC_ADVERTISE is {:?}",
+                var("FEDRELAY_CLUSTER__GRPC_ADVERTISE")
+            );
+            let store = toml.get("store").and_then(|s| s.get("backend"));
+            ensure!(
+                store.and_then(toml::Value::as_str) == Some("redis"),
+                "{case}: a cluster without Redis"
+            );
+            ensure!(
+                docs.iter().any(|d| kind(d) == "PodDisruptionBudget"),
+                "{case}: a cluster without a PodDisruptionBudget"
+            );
+        }
+
+        // The loadtest Job reads the same config and secrets as the relay pods.
+        if let Some(job) = docs.iter().find(|d| kind(d) == "Job") {
+            let jspec = &job["spec"]["template"]["spec"];
+            for v in ["config", "secrets"] {
+                let vol = |s: &Value| {
+                    s["volumes"]
+                        .as_array()
+                        .and_then(|vs| vs.iter().find(|x| x["name"] == v))
+                        .cloned()
+                };
+                ensure!(
+                    vol(jspec).is_some() && vol(jspec) == vol(spec),
+                    "{case}: the loadtest Job's {v} volume differs from the relay pods'"
+                );
+            }
+            let args: Vec<&str> = jspec["containers"][0]["args"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            let after = |flag: &str| {
+                args.iter()
+                    .position(|a| *a == flag)
+                    .and_then(|i| args.get(i + 1))
+                    .copied()
+            };
+            ensure!(
+                args.first() == Some(&"run")
+                    && after("--config-file") == Some("/etc/fedrelay/relay.toml")
+                    && after("--admin")
+                        == Some(&format!(
+                            "http://{}-admin.{NAMESPACE}.svc:{admin}",
+                            fullname()
+                        ))
+                    && after("--target").is_some_and(|t| t.contains("://"))
+                    && after("--rate").is_some()
+                    && after("--duration").is_some()
+                    && after("--out") == Some("/results"),
+                "{case}: loadtest Job args {args:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Secret values go into Secrets only: not into a ConfigMap, an environment variable or
+/// anything else, in plain text or base64.
+#[test]
+fn no_secret_value_is_rendered_outside_a_secret() -> Result<()> {
+    let values = chart().join("ci/cluster-in-chart.yaml");
+    let ci: Value = serde_norway::from_str(&std::fs::read_to_string(&values)?)?;
+    let mut secrets: Vec<String> = ci["trialSecrets"]["domains"]
+        .as_object()
+        .context("ci/cluster-in-chart.yaml has no trialSecrets.domains")?
+        .values()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    let bot = "bot-password-5c1f0a9e7d3b";
+    secrets.push(bot.into());
+    ensure!(secrets.len() >= 3);
+    let sets = [
+        "teams.enabled=true",
+        "teams.appId=8f0e2c71-5d3a-4b7e-9f21-0c6d4e8a1b35",
+        "teams.appTenantId=72f988bf-86f1-41af-91ab-2d7cd011db47",
+        &format!("trialSecrets.teamsAppPassword={bot}"),
+    ];
+    let yaml = template(Some(&values), &sets)?
+        .map_err(|e| anyhow::anyhow!("helm template with trial secrets failed:\n{e}"))?;
+    let docs = documents(&yaml)?;
+    let secret_docs: Vec<&Value> = docs.iter().filter(|d| kind(d) == "Secret").collect();
+    ensure!(secret_docs.len() == 1, "expected the one trial Secret");
+    for s in &secrets {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(s);
+        let secret_text = serde_json::to_string(secret_docs[0])?;
+        ensure!(
+            secret_text.contains(&b64),
+            "the trial Secret does not hold {s}"
+        );
+        for d in docs.iter().filter(|d| kind(d) != "Secret") {
+            let text = serde_json::to_string(d)?;
+            ensure!(
+                !text.contains(s.as_str()) && !text.contains(&b64),
+                "a secret value appears in {} {}",
+                kind(d),
+                name(d)
+            );
+        }
+    }
+    // And whatever the case, relay.toml names files, never secrets.
+    for (case, values) in cases()? {
+        let toml = toml_table(&relay_toml(&render(&case, values.as_deref())?)?)?;
+        for d in toml
+            .get("domains")
+            .and_then(toml::Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            ensure!(d.get("secret").is_none(), "{case}: an inline domain secret");
+        }
+        if let Some(t) = toml.get("teams") {
+            ensure!(
+                t.get("app_password").is_none() && t.get("app_password_file").is_some(),
+                "{case}: the bot password is not read from a file"
+            );
+        }
+        if let Some(url) = toml
+            .get("store")
+            .and_then(|s| s.get("redis_url"))
+            .and_then(toml::Value::as_str)
+        {
+            ensure!(!url.contains('@'), "{case}: credentials in redis_url");
+        }
+    }
+    Ok(())
+}
+
+/// Bad values fail `helm template` (and so `helm install`) with a message naming them.
+#[test]
+fn bad_values_fail_rendering_with_a_message_naming_them() -> Result<()> {
+    let cases: BTreeMap<&str, (Vec<&str>, Vec<&str>)> = BTreeMap::from([
+        (
+            "negative replicas",
+            (
+                vec!["replicas=-1"],
+                vec!["replicas", "greater than or equal to 1"],
+            ),
+        ),
+        (
+            "a domain without a name",
+            (vec!["domains[0].platform=http"], vec!["domains.0", "name"]),
+        ),
+        (
+            "an unknown platform",
+            (
+                vec!["domains[0].name=a.example", "domains[0].platform=xmpp"],
+                vec!["domains.0.platform", "http", "teams"],
+            ),
+        ),
+        (
+            "an unknown top-level key",
+            (vec!["replicaCount=3"], vec!["replicaCount"]),
+        ),
+        (
+            "an unknown key in a section",
+            (vec!["shutdown.drainTimeout=5"], vec!["drainTimeout"]),
+        ),
+        (
+            "a Teams domain without tenant",
+            (
+                vec!["domains[0].name=a.example", "domains[0].platform=teams"],
+                vec!["tenantId"],
+            ),
+        ),
+        (
+            "a cluster without etcd or Redis",
+            (
+                vec!["replicas=3"],
+                vec!["replicas=3", "cluster", "etcd", "Redis"],
+            ),
+        ),
+        (
+            "autoscaling without etcd or Redis",
+            (
+                vec!["autoscaling.enabled=true"],
+                vec!["autoscaling.enabled", "etcd", "Redis"],
+            ),
+        ),
+        (
+            "a grace period shorter than preStop and drain",
+            (
+                vec!["terminationGracePeriodSeconds=15"],
+                vec!["terminationGracePeriodSeconds=15", "drainTimeoutSecs"],
+            ),
+        ),
+        (
+            "an HTTP domain without a Secret",
+            (
+                vec!["domains[0].name=a.example", "domains[0].platform=http"],
+                vec!["a.example", "existingSecret"],
+            ),
+        ),
+        (
+            "Redis over TLS, which the relay cannot speak",
+            (
+                vec!["externalRedis.url=rediss://redis:6380"],
+                vec!["externalRedis.url"],
+            ),
+        ),
+        (
+            "a cluster without mTLS or allowPlaintext",
+            (
+                vec!["replicas=2", "etcd.enabled=true", "redis.enabled=true"],
+                vec!["cluster.tls.existingSecret", "cluster.allowPlaintext"],
+            ),
+        ),
+    ]);
+    for (what, (sets, words)) in cases {
+        match template(None, &sets)? {
+            Ok(_) => bail!("{what} ({sets:?}) rendered"),
+            Err(e) => {
+                for w in words {
+                    ensure!(e.contains(w), "{what}: the error does not name {w}:\n{e}");
+                }
+            }
+        }
+    }
+    // The same values with what they lack render.
+    for sets in [
+        vec![
+            "replicas=3",
+            "etcd.enabled=true",
+            "redis.enabled=true",
+            "cluster.allowPlaintext=true",
+        ],
+        vec!["terminationGracePeriodSeconds=30"],
+        vec!["replicas=1", "store.backend=memory"],
+    ] {
+        if let Err(e) = template(None, &sets)? {
+            bail!("{sets:?} did not render:\n{e}");
+        }
+    }
+    Ok(())
+}
+
+/// docs/operations.md explains every metric the relay exports and every alert of the chart.
+#[test]
+fn the_operations_doc_explains_every_metric_and_alert() -> Result<()> {
+    let doc = std::fs::read_to_string(repo().join("docs/operations.md"))?;
+    let missing: Vec<String> = exported_metric_names()?
+        .into_iter()
+        .filter(|m| !doc.contains(&format!("`{m}`")))
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "docs/operations.md does not explain {missing:?}"
+    );
+    let docs = render(
+        "ci/production-external.yaml",
+        Some(&chart().join("ci/production-external.yaml")),
+    )?;
+    let teams = render("ci/teams.yaml", Some(&chart().join("ci/teams.yaml")))?;
+    let mut alerts = BTreeSet::new();
+    for d in docs
+        .iter()
+        .chain(&teams)
+        .filter(|d| kind(d) == "PrometheusRule")
+    {
+        for g in d["spec"]["groups"].as_array().into_iter().flatten() {
+            for r in g["rules"].as_array().into_iter().flatten() {
+                if let Some(a) = r["alert"].as_str() {
+                    alerts.insert(a.to_string());
+                }
+            }
+        }
+    }
+    ensure!(alerts.len() >= 15, "only {} alerts rendered", alerts.len());
+    let missing: Vec<&String> = alerts
+        .iter()
+        .filter(|a| !doc.contains(&format!("`{a}`")))
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "docs/operations.md does not explain the alerts {missing:?}"
+    );
+    Ok(())
+}
+
+/// The loadtest Job's command line is one the harness accepts: run with it (the relay config
+/// path it names exists only in the pod), the harness gets past parsing its flags and fails
+/// on that file, not on a flag.
+#[test]
+fn the_loadtest_job_runs_a_command_line_the_harness_accepts() -> Result<()> {
+    let values = chart().join("ci").join("production-external.yaml");
+    let docs = render("production-external", Some(&values))?;
+    let job = docs
+        .iter()
+        .find(|d| kind(d) == "Job")
+        .context("no loadtest Job rendered")?;
+    let container = &job["spec"]["template"]["spec"]["containers"][0];
+    ensure!(
+        container["command"][0] == "/usr/local/bin/relay-loadtest",
+        "{}",
+        container["command"]
+    );
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .context("no args")?
+        .iter()
+        .map(|a| {
+            a.as_str()
+                .map(str::to_owned)
+                .context("an arg is not a string")
+        })
+        .collect::<Result<_>>()?;
+    ensure!(
+        args.iter().any(|a| a == "/etc/fedrelay/relay.toml"),
+        "{args:?}"
+    );
+    // The edge speaks HTTPS there: the Job trusts the CA from the Secret it mounts.
+    let ca = args
+        .iter()
+        .position(|a| a == "--tls-ca")
+        .and_then(|i| args.get(i + 1))
+        .context("an https target without --tls-ca")?;
+    ensure!(args.iter().any(|a| a.starts_with("https://")), "{args:?}");
+    let mounts = container["volumeMounts"].to_string();
+    ensure!(
+        ca.starts_with("/etc/fedrelay/loadtest-ca/")
+            && mounts.contains("/etc/fedrelay/loadtest-ca"),
+        "{ca} {mounts}"
+    );
+    let out = Command::new(test_support::workspace_binary("relay-loadtest")?)
+        .args(&args)
+        .output()
+        .context("running relay-loadtest")?;
+    let err = output_text(&out);
+    ensure!(out.status.code() == Some(2), "{err}");
+    ensure!(
+        !err.contains("unexpected argument") && !err.contains("Usage:"),
+        "the harness refused the Job's flags: {args:?}\n{err}"
+    );
+    ensure!(err.contains("/etc/fedrelay/relay.toml"), "{err}");
+    Ok(())
+}
