@@ -109,6 +109,14 @@ pub struct ContractReport {
     /// Presence versions a follower missed but followed by a newer one it got.
     #[serde(default)]
     pub superseded: u64,
+    /// Presence updates delivered again under a newer version: a publish retried after its
+    /// answer was lost (presence is not deduplicated; followers keep the newest).
+    #[serde(default)]
+    pub republished: u64,
+    /// Reactions, typing or deletes in this run's sessions whose ids match no acceptance (a
+    /// repeat under a new seq, or something nobody sent).
+    #[serde(default)]
+    pub unmatched: u64,
     pub duplicates: u64,
     pub order_violations: u64,
     pub misrouted: u64,
@@ -121,8 +129,8 @@ pub struct ContractReport {
     pub error_events: u64,
     /// Some event numbers with a lost delivery, for debugging.
     pub lost_examples: Vec<u64>,
-    /// Whether the contract held (no loss, duplicate, order violation, misrouting or id
-    /// mismatch).
+    /// Whether the contract held (no loss, duplicate, unmatched delivery, order violation,
+    /// misrouting or id mismatch).
     pub passed: bool,
 }
 
@@ -130,7 +138,7 @@ pub struct ContractReport {
 #[derive(Debug, Clone)]
 struct ParkedDelivery {
     domain: usize,
-    to: String,
+    rcpt: u32,
     arrived_ns: u64,
 }
 
@@ -156,6 +164,12 @@ pub struct ContractChecker {
     last_seq: HashMap<(usize, u32, u32), u64>,
     /// Presence: the newest event of each (publisher, follower) received.
     newest: HashMap<(u32, u32), u64>,
+    /// Recipient names by id (the reverse of `recipients`).
+    recipient_names: Vec<String>,
+    /// Sessions this run's acceptances named.
+    run_sessions: HashSet<u32>,
+    /// Presence: the same update delivered again under a newer version is a republish.
+    republish: bool,
     outstanding: u64,
     report: ContractReport,
 }
@@ -167,15 +181,27 @@ impl ContractChecker {
     pub fn new(run: impl Into<String>, total: u64, fan: Fan) -> Self {
         let n = usize::try_from(total).unwrap_or(usize::MAX);
         let mut recipients = HashMap::new();
+        let mut recipient_names = Vec::new();
         let per_event = match &fan {
             Fan::One => 1,
             Fan::Audience { audience, .. } => {
-                for (i, a) in audience.iter().enumerate() {
-                    recipients.insert(a.clone(), u32::try_from(i).unwrap_or(u32::MAX));
+                for a in audience {
+                    if !recipients.contains_key(a) {
+                        let id = u32::try_from(recipient_names.len()).unwrap_or(u32::MAX);
+                        recipients.insert(a.clone(), id);
+                        recipient_names.push(a.clone());
+                    }
                 }
                 u32::try_from(audience.len()).unwrap_or(u32::MAX)
             }
         };
+        let republish = matches!(
+            &fan,
+            Fan::Audience {
+                supersede: Some(_),
+                ..
+            }
+        );
         Self {
             run: run.into(),
             fan,
@@ -192,6 +218,9 @@ impl ContractChecker {
             got: HashSet::new(),
             last_seq: HashMap::new(),
             newest: HashMap::new(),
+            recipient_names,
+            run_sessions: HashSet::new(),
+            republish,
             outstanding: 0,
             report: ContractReport::default(),
         }
@@ -199,6 +228,21 @@ impl ContractChecker {
 
     fn intern_session(&mut self, session: &str) -> u32 {
         intern(&mut self.sessions, session)
+    }
+
+    fn intern_recipient(&mut self, to: &str) -> u32 {
+        let id = intern(&mut self.recipients, to);
+        if id as usize == self.recipient_names.len() {
+            self.recipient_names.push(to.to_owned());
+        }
+        id
+    }
+
+    fn recipient_name(&self, rcpt: u32) -> String {
+        self.recipient_names
+            .get(rcpt as usize)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Events accepted and deliveries received so far (cheap, for progress).
@@ -240,6 +284,7 @@ impl ContractChecker {
         let mut resolved = Vec::new();
         if let (Some(s), Some(q)) = (session_id, seq) {
             let sid = self.intern_session(s);
+            self.run_sessions.insert(sid);
             self.accepted_id[i] = (sid, q);
             if already > 0 {
                 self.compare_ids(i);
@@ -248,7 +293,7 @@ impl ContractChecker {
                 self.by_id.insert((sid, q), global);
                 for p in self.parked.remove(&(sid, q)).unwrap_or_default() {
                     if let Received::First { global } =
-                        self.count(i, sid, q, p.domain, &p.to, None, &is_recipient)
+                        self.count(i, sid, q, p.domain, p.rcpt, None, &is_recipient)
                     {
                         resolved.push((global, p.arrived_ns));
                     }
@@ -278,8 +323,16 @@ impl ContractChecker {
 
     /// Whether event `global` was accepted (so others may refer to it).
     pub fn is_accepted(&self, global: u64) -> bool {
-        self.index(global)
-            .is_some_and(|i| self.send[i] == SendState::Accepted)
+        self.outcome(global) == Some(true)
+    }
+
+    /// How the send of event `global` ended: accepted, not (failed or skipped), or not yet.
+    pub fn outcome(&self, global: u64) -> Option<bool> {
+        match self.index(global).map(|i| self.send[i]) {
+            Some(SendState::Accepted) => Some(true),
+            Some(SendState::Failed | SendState::Skipped) => Some(false),
+            Some(SendState::Pending) | None => None,
+        }
     }
 
     fn index(&self, global: u64) -> Option<usize> {
@@ -312,14 +365,28 @@ impl ContractChecker {
         }
         let sid = self.intern_session(&ev.session_id);
         let to = ev.to.as_deref().unwrap_or("");
-        let (global, sender) = match ev.tag() {
-            Some(t) if t.run == self.run => (t.global, Some(t.sender)),
+        let tag = match ev.tag() {
+            Some(t) if t.run == self.run => Some(t),
             Some(_) => {
                 self.report.foreign += 1;
                 return Received::Foreign;
             }
-            None => match self.by_id.get(&(sid, ev.seq)) {
-                Some(&g) => (g, None),
+            None => None,
+        };
+        let Some(tag) = tag else {
+            // Known only by its ids. Repeats and order are judged now, on arrival, whether or
+            // not its acceptance has been seen yet.
+            let rcpt = self.intern_recipient(to);
+            if !self.seen_deliveries.insert((sid, ev.seq, rcpt)) {
+                self.report.duplicates += 1;
+                return Received::Duplicate;
+            }
+            self.check_order(domain, sid, rcpt, ev.seq);
+            return match self.by_id.get(&(sid, ev.seq)) {
+                Some(&g) => match self.index(g) {
+                    Some(i) => self.count(i, sid, ev.seq, domain, rcpt, None, &is_recipient),
+                    None => Received::Foreign,
+                },
                 None => {
                     // Maybe an event of this run whose acceptance is still on its way.
                     self.parked
@@ -327,39 +394,47 @@ impl ContractChecker {
                         .or_default()
                         .push(ParkedDelivery {
                             domain,
-                            to: to.to_owned(),
+                            rcpt,
                             arrived_ns: now_ns,
                         });
-                    return Received::Parked;
+                    Received::Parked
                 }
-            },
+            };
         };
-        let Some(i) = self.index(global) else {
+        let Some(i) = self.index(tag.global) else {
             self.report.foreign += 1;
             return Received::Foreign;
         };
-        self.count(i, sid, ev.seq, domain, to, sender, &is_recipient)
-    }
-
-    /// Counts one delivery of event `i`.
-    #[allow(clippy::too_many_arguments)]
-    fn count(
-        &mut self,
-        i: usize,
-        sid: u32,
-        seq: u64,
-        domain: usize,
-        to: &str,
-        sender: Option<u32>,
-        is_recipient: &impl Fn(u64, usize, &str) -> bool,
-    ) -> Received {
-        let global = i as u64;
-        let rcpt = intern(&mut self.recipients, to);
-        let new_delivery = self.seen_deliveries.insert((sid, seq, rcpt));
-        if !new_delivery || !self.got.insert((global, rcpt)) {
+        let rcpt = self.intern_recipient(to);
+        let new_delivery = self.seen_deliveries.insert((sid, ev.seq, rcpt));
+        if !new_delivery {
             self.report.duplicates += 1;
             return Received::Duplicate;
         }
+        if self.got.contains(&(tag.global, rcpt)) {
+            if self.republish {
+                // Presence is not deduplicated: a retried publish is a new version of the same
+                // update, not a repeat of a delivery.
+                self.report.republished += 1;
+            } else {
+                self.report.duplicates += 1;
+            }
+            return Received::Duplicate;
+        }
+        self.check_order(domain, sid, rcpt, ev.seq);
+        self.count(
+            i,
+            sid,
+            ev.seq,
+            domain,
+            rcpt,
+            Some(tag.sender),
+            &is_recipient,
+        )
+    }
+
+    /// Seqs per receiving domain, session and recipient only grow.
+    fn check_order(&mut self, domain: usize, sid: u32, rcpt: u32, seq: u64) {
         match self.last_seq.get_mut(&(domain, sid, rcpt)) {
             Some(last) => {
                 if seq <= *last {
@@ -372,7 +447,29 @@ impl ContractChecker {
                 self.last_seq.insert((domain, sid, rcpt), seq);
             }
         }
-        if !is_recipient(global, domain, to) {
+    }
+
+    /// Counts one delivery of event `i` to recipient `rcpt` (already checked for repeats of
+    /// its ids and for order).
+    #[allow(clippy::too_many_arguments)]
+    fn count(
+        &mut self,
+        i: usize,
+        sid: u32,
+        seq: u64,
+        domain: usize,
+        rcpt: u32,
+        sender: Option<u32>,
+        is_recipient: &impl Fn(u64, usize, &str) -> bool,
+    ) -> Received {
+        let global = i as u64;
+        if !self.got.insert((global, rcpt)) {
+            // The same event under other ids: the relay journaled it twice.
+            self.report.duplicates += 1;
+            return Received::Duplicate;
+        }
+        let to = self.recipient_name(rcpt);
+        if !is_recipient(global, domain, &to) {
             self.report.misrouted += 1;
         }
         if let Some(s) = sender {
@@ -401,7 +498,15 @@ impl ContractChecker {
     /// The counts so far.
     pub fn report(&self) -> ContractReport {
         let mut r = self.report.clone();
-        r.foreign += self.parked.values().map(|v| v.len() as u64).sum::<u64>();
+        for ((sid, _), v) in &self.parked {
+            // Untagged deliveries in this run's sessions that match no acceptance: copies the
+            // relay journaled again under new seqs, or events nobody sent.
+            if self.run_sessions.contains(sid) {
+                r.unmatched += v.len() as u64;
+            } else {
+                r.foreign += v.len() as u64;
+            }
+        }
         let mut lost = 0u64;
         let mut superseded = 0u64;
         let mut examples = Vec::new();
@@ -447,6 +552,7 @@ impl ContractChecker {
         r.lost_examples = examples;
         r.passed = r.lost == 0
             && r.duplicates == 0
+            && r.unmatched == 0
             && r.order_violations == 0
             && r.misrouted == 0
             && r.id_mismatches == 0;
@@ -669,15 +775,53 @@ mod tests {
         );
         // A repeat of it.
         assert_eq!(c.on_received(1, &delete, 0, to_d1), Received::Duplicate);
-        // Something untagged nobody accepted (set-up traffic) ends up foreign.
+        // Something untagged nobody accepted in another session (set-up traffic) ends up
+        // foreign.
         let stray = DeliveredEvent {
+            session_id: "setup".into(),
             seq: 99,
             kind: "contact_request".into(),
-            ..typing
+            ..typing.clone()
         };
         assert_eq!(c.on_received(1, &stray, 0, to_d1), Received::Parked);
         let r = c.report();
         assert_eq!((r.foreign, r.duplicates, r.received_unique), (1, 1, 2));
+        assert_eq!(r.unmatched, 0, "set-up traffic is not this run's");
+        // The delete again under a new seq of this run's session: journaled twice.
+        let again = DeliveredEvent { seq: 9, ..delete };
+        assert_eq!(c.on_received(1, &again, 0, to_d1), Received::Parked);
+        let r = c.report();
+        assert_eq!(r.unmatched, 1);
+        assert!(!r.passed);
+    }
+
+    #[test]
+    fn a_parked_event_is_ordered_when_it_arrives() {
+        let mut c = ContractChecker::new(RUN, 3, Fan::One);
+        let typing = DeliveredEvent {
+            session_id: "s".into(),
+            seq: 7,
+            kind: "typing".into(),
+            to: Some(TO.into()),
+            ..Default::default()
+        };
+        // Typing (seq 7) arrives before its acceptance, then the message after it (seq 8)...
+        assert_eq!(c.on_received(1, &typing, 0, to_d1), Received::Parked);
+        accept(&mut c, 1, Some("s"), Some(8));
+        recv(&mut c, 1, &msg("s", 8, 1, TO));
+        // ...and only then is the typing's acceptance processed: still in order.
+        c.on_accepted(0, Some("s"), Some(7), true, to_d1);
+        let r = c.report();
+        assert_eq!(r.order_violations, 0, "{r:?}");
+        assert!(r.passed, "{r:?}");
+        // A parked event that really is out of order is caught on arrival.
+        let late = DeliveredEvent { seq: 5, ..typing };
+        c.on_received(1, &late, 0, to_d1);
+        assert_eq!(c.report().order_violations, 1);
+        assert_eq!(c.outcome(0), Some(true));
+        assert_eq!(c.outcome(2), None);
+        c.on_skipped(2);
+        assert_eq!(c.outcome(2), Some(false));
     }
 
     #[test]
@@ -743,10 +887,16 @@ mod tests {
         c.on_received(1, &pres(1, 8, &followers[0]), 0, ok);
         c.on_received(1, &pres(3, 8, &followers[0]), 0, ok);
         c.on_received(1, &pres(1, 8, &followers[1]), 0, ok);
+        // A retried publish of event 1 came out as a newer version: a republish, no repeat.
+        c.on_received(1, &pres(1, 8, &followers[0]), 0, ok);
+        let mut again = pres(1, 8, &followers[0]);
+        again.seq = 10;
+        assert_eq!(c.on_received(1, &again, 0, ok), Received::Duplicate);
         let r = c.report();
         assert_eq!(r.superseded, 1, "{r:?}");
         assert_eq!(r.lost, 1, "{r:?}");
         assert_eq!(r.lost_examples, vec![3]);
+        assert_eq!((r.republished, r.duplicates), (1, 1), "{r:?}");
         assert!(!r.passed);
     }
 

@@ -193,10 +193,12 @@ async fn send_with_retries(shared: &Shared, sender: &Sender, opts: &DriverOption
     let plan = &shared.plan;
     let intended_ns = plan.schedule.intended_ns(i);
     let target = match plan.workload.event(i).action.target() {
-        Some(t) => match shared.relay_id(t) {
+        // A client edits, reacts to or deletes a message once its send has succeeded: wait
+        // for that (the wait counts as latency, from this event's intended time).
+        Some(t) => match wait_for_target(shared, t, opts.request_timeout).await {
             Some(id) => Some(id),
             None => {
-                // What it refers to was not accepted (yet): a client would not send it.
+                // What it refers to was not accepted: a client would not send it.
                 shared.on_skipped(i);
                 return;
             }
@@ -232,6 +234,20 @@ async fn send_with_retries(shared: &Shared, sender: &Sender, opts: &DriverOption
                 shared.on_send_error(i, &label);
                 return;
             }
+        }
+    }
+}
+
+/// The relay id of message `t` once its send succeeded; `None` if it failed, was skipped, or
+/// is still unanswered after `timeout`.
+async fn wait_for_target(shared: &Shared, t: u64, timeout: Duration) -> Option<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match shared.outcome(t) {
+            Some(true) => return shared.relay_id(t),
+            Some(false) => return None,
+            None if Instant::now() >= deadline => return None,
+            None => tokio::time::sleep(Duration::from_millis(5)).await,
         }
     }
 }
@@ -422,8 +438,12 @@ const GRPC_STREAMS_PER_NODE: usize = 4;
 pub struct GrpcPool {
     per_node: usize,
     tls: Option<ClientTlsConfig>,
-    links: tokio::sync::Mutex<HashMap<(String, usize), Arc<GrpcLink>>>,
+    /// One slot per (target, stream): a slow connect holds up only its own slot.
+    links: Mutex<HashMap<(String, usize), LinkSlot>>,
 }
+
+/// Where one stream's link lives; locked while (re)connecting.
+type LinkSlot = Arc<tokio::sync::Mutex<Option<Arc<GrpcLink>>>>;
 
 impl GrpcPool {
     /// `tls` is used for `https://` targets (which need it).
@@ -431,14 +451,21 @@ impl GrpcPool {
         Self {
             per_node: per_node.max(1),
             tls,
-            links: tokio::sync::Mutex::new(HashMap::new()),
+            links: Mutex::new(HashMap::new()),
         }
     }
 
     async fn link(&self, base: &str, i: u64) -> Result<Arc<GrpcLink>> {
         let key = (base.to_owned(), (i % self.per_node as u64) as usize);
-        let mut links = self.links.lock().await;
-        if let Some(l) = links.get(&key)
+        let slot = self
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some(l) = slot.as_ref()
             && !l.dead.load(Ordering::Acquire)
         {
             return Ok(l.clone());
@@ -449,7 +476,7 @@ impl GrpcPool {
         )
         .await
         .context("connecting timed out")??;
-        links.insert(key, link.clone());
+        *slot = Some(link.clone());
         Ok(link)
     }
 }

@@ -198,6 +198,11 @@ impl Shared {
         }
     }
 
+    /// How the send of event `global` ended: accepted, not, or not yet (`None`).
+    pub fn outcome(&self, global: u64) -> Option<bool> {
+        self.lock().checker.outcome(global)
+    }
+
     /// The relay id of accepted event `global`, for events that refer to it.
     pub fn relay_id(&self, global: u64) -> Option<String> {
         self.lock().relay_ids.get(&global).cloned()

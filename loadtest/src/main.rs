@@ -56,9 +56,9 @@ enum Cmd {
         /// The end-to-end p99 target in milliseconds.
         #[arg(long)]
         p99_ms: f64,
-        /// The scenario to step.
-        #[arg(long, value_enum, default_value = "one-to-one")]
-        scenario: ScenarioKind,
+        /// The scenario to step (default: the --file's, else one-to-one).
+        #[arg(long, value_enum)]
+        scenario: Option<ScenarioKind>,
         /// Rate multiplier per step.
         #[arg(long, default_value_t = 1.25)]
         step_factor: f64,
@@ -477,6 +477,34 @@ impl RunArgs {
     }
 }
 
+/// Fault injection that cannot happen is refused before anything starts.
+fn check_faults(args: &RunArgs, opts: &RunOptions) -> Result<()> {
+    let end = opts.warmup + opts.duration;
+    for (flag, at) in [
+        ("--kill-node-after", opts.faults.kill_node_after),
+        ("--add-node-after", opts.faults.add_node_after),
+    ] {
+        if let Some(at) = at
+            && at >= end
+        {
+            bail!("{flag} {at:?} is not before the end of sending (warmup + duration = {end:?})");
+        }
+    }
+    let nodes = args.nodes.unwrap_or(1);
+    if opts.faults.kill_node_after.is_some() {
+        // The first node is never killed (the receivers read from it); a node added before the
+        // kill counts.
+        let added_first = matches!(
+            (opts.faults.add_node_after, opts.faults.kill_node_after),
+            (Some(a), Some(k)) if a < k
+        );
+        if nodes + usize::from(added_first) < 2 {
+            bail!("--kill-node-after needs at least 2 nodes (--nodes 2 or more)");
+        }
+    }
+    Ok(())
+}
+
 fn read_json(p: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
@@ -493,6 +521,7 @@ async fn cli_main(cli: Cli) -> Result<ExitCode> {
             };
             let opts = args.options(scenario, false);
             let spec = args.deployment(opts.protocol)?;
+            check_faults(&args, &opts)?;
             let out = args
                 .out
                 .clone()
@@ -528,6 +557,12 @@ async fn cli_main(cli: Cli) -> Result<ExitCode> {
             args,
         } => {
             let args = args.with_file()?;
+            let scenario = scenario.or(args.scenario).unwrap_or(ScenarioKind::OneToOne);
+            if args.faults().any() {
+                bail!(
+                    "find-max runs every step on the same system: fault injection belongs to `run`"
+                );
+            }
             let opts = args.options(scenario, true);
             let spec = args.deployment(opts.protocol)?;
             let fm = FindMaxOptions {

@@ -252,41 +252,59 @@ impl Deployment {
     }
 }
 
-/// CPU ticks of a set of processes and of the harness at one instant.
-struct CpuSample {
-    relay: HashMap<u32, CpuTicks>,
-    redis: Option<CpuTicks>,
-    harness: Option<CpuTicks>,
-    at: Instant,
+/// CPU used over the measured window: the relay nodes' (every node alive in it, sampled every
+/// second so nodes killed or added count for the time they ran), Redis's and the harness's.
+struct CpuWindow {
+    relay_ticks: Option<u64>,
+    redis: Option<(CpuTicks, CpuTicks)>,
+    harness: Option<(CpuTicks, CpuTicks)>,
+    wall: Duration,
 }
 
-fn sample(relay: &[u32], redis: Option<u32>) -> CpuSample {
-    CpuSample {
-        relay: relay
-            .iter()
+/// Measures [`CpuWindow`] from `start` to `end`, following the node list as it changes.
+fn sample_cpu(
+    pids: Arc<std::sync::Mutex<Vec<u32>>>,
+    redis: Option<u32>,
+    start: Instant,
+    end: Instant,
+) -> tokio::task::JoinHandle<CpuWindow> {
+    let read_all = |pids: &std::sync::Mutex<Vec<u32>>| -> HashMap<u32, CpuTicks> {
+        let list = pids.lock().map(|p| p.clone()).unwrap_or_default();
+        list.iter()
             .filter_map(|&p| read_cpu(Some(p)).ok().map(|t| (p, t)))
-            .collect(),
-        redis: redis.and_then(|p| read_cpu(Some(p)).ok()),
-        harness: read_cpu(None).ok(),
-        at: Instant::now(),
-    }
-}
-
-/// The relay nodes' CPU between two samples: the nodes alive at both.
-fn relay_ticks(a: &CpuSample, b: &CpuSample) -> Option<(CpuTicks, CpuTicks)> {
-    let mut before = CpuTicks::default();
-    let mut after = CpuTicks::default();
-    let mut any = false;
-    for (pid, x) in &a.relay {
-        if let Some(y) = b.relay.get(pid) {
-            before.utime += x.utime;
-            before.stime += x.stime;
-            after.utime += y.utime;
-            after.stime += y.stime;
-            any = true;
+            .collect()
+    };
+    tokio::spawn(async move {
+        tokio::time::sleep_until(start.into()).await;
+        let began = Instant::now();
+        let mut prev = read_all(&pids);
+        let any_relay = !prev.is_empty();
+        let redis_a = redis.and_then(|p| read_cpu(Some(p)).ok());
+        let harness_a = read_cpu(None).ok();
+        let mut relay_ticks = 0u64;
+        loop {
+            let next = (Instant::now() + Duration::from_secs(1)).min(end);
+            tokio::time::sleep_until(next.into()).await;
+            for (pid, now) in read_all(&pids) {
+                if let Some(before) = prev.get(&pid) {
+                    relay_ticks += now.total().saturating_sub(before.total());
+                }
+                // A node seen for the first time counts from here.
+                prev.insert(pid, now);
+            }
+            if Instant::now() >= end {
+                break;
+            }
         }
-    }
-    any.then_some((before, after))
+        let redis_b = redis.and_then(|p| read_cpu(Some(p)).ok());
+        let harness_b = read_cpu(None).ok();
+        CpuWindow {
+            relay_ticks: any_relay.then_some(relay_ticks),
+            redis: redis_a.zip(redis_b),
+            harness: harness_a.zip(harness_b),
+            wall: began.elapsed(),
+        }
+    })
 }
 
 fn progress_bar(total: u64, quiet: bool) -> ProgressBar {
@@ -334,6 +352,7 @@ async fn inject_faults(
     faults: Faults,
     t0: Instant,
     targets: &Targets,
+    pids: &std::sync::Mutex<Vec<u32>>,
     ready_timeout: Duration,
 ) -> Result<Vec<FaultEvent>> {
     let mut events = Vec::new();
@@ -363,8 +382,13 @@ async fn inject_faults(
                 };
                 let id = system.nodes()[victim].id.clone();
                 system.kill_node(victim)?;
-                // Clients keep sending to it (and fail over) until a load balancer would notice:
-                // the target list keeps the dead node; the driver retries elsewhere.
+                // Sends stop going to it, as behind a load balancer whose health check caught
+                // it; sends in flight to it fail and are retried on the others. What remains
+                // is the failover proper: sessions it owned answer 503 until its lease expires.
+                targets.set(system.http_targets(), system.grpc_targets());
+                if let Ok(mut p) = pids.lock() {
+                    *p = system.relay_pids();
+                }
                 events.push(FaultEvent {
                     kind: "kill".into(),
                     node: id,
@@ -377,6 +401,9 @@ async fn inject_faults(
                 let (idx, took) = system.add_node(ready_timeout).await?;
                 // Like a load balancer that adds a node once its readiness probe passes.
                 targets.set(system.http_targets(), system.grpc_targets());
+                if let Ok(mut p) = pids.lock() {
+                    *p = system.relay_pids();
+                }
                 events.push(FaultEvent {
                     kind: "add".into(),
                     node: system.nodes()[idx].id.clone(),
@@ -413,11 +440,12 @@ pub fn attribute_recoveries(faults: &mut [FaultEvent], recoveries: &[(u64, u64)]
     }
 }
 
-/// Samples the relay nodes' resident memory every second until dropped.
+/// Samples the relay nodes' resident memory every second (and each node's peak) until
+/// aborted, following the node list as it changes.
 fn sample_memory(
     pids: Arc<std::sync::Mutex<Vec<u32>>>,
     t0: Instant,
-    out: Arc<std::sync::Mutex<Vec<MemoryPoint>>>,
+    out: Arc<std::sync::Mutex<(Vec<MemoryPoint>, u64)>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -425,11 +453,13 @@ fn sample_memory(
             tick.tick().await;
             let list = pids.lock().map(|p| p.clone()).unwrap_or_default();
             let kb: u64 = list.iter().filter_map(|&p| read_rss_kb(p)).sum();
+            let peak = list.iter().filter_map(|&p| read_peak_rss_kb(p)).max();
             if let Ok(mut o) = out.lock() {
-                o.push(MemoryPoint {
+                o.0.push(MemoryPoint {
                     t_s: t0.elapsed().as_secs_f64(),
                     relay_rss_kb: kb,
                 });
+                o.1 = o.1.max(peak.unwrap_or(0));
             }
         }
     })
@@ -499,20 +529,14 @@ pub async fn run_once(dep: &mut Deployment, opts: &RunOptions) -> Result<RunResu
     let shared = Shared::new(plan.clone(), t0);
     dep.receivers.router.set(Some(shared.clone()));
 
-    let relay_pids = dep.relay_pids();
+    let nodes_at_start = dep.relay_pids().len();
     let redis_pid = dep.system.as_ref().and_then(|s| s.redis_pid());
     let (win_start, win_end) = (shared.window_start(), shared.send_end());
-    let cpu_pids = relay_pids.clone();
-    let cpu_task = tokio::spawn(async move {
-        tokio::time::sleep_until(win_start.into()).await;
-        let a = sample(&cpu_pids, redis_pid);
-        tokio::time::sleep_until(win_end.into()).await;
-        let b = sample(&cpu_pids, redis_pid);
-        (a, b)
-    });
-    let mem_pids = Arc::new(std::sync::Mutex::new(relay_pids.clone()));
-    let memory = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mem_task = sample_memory(mem_pids.clone(), t0, memory.clone());
+    // The relay processes alive; fault injection keeps it current.
+    let pids = Arc::new(std::sync::Mutex::new(dep.relay_pids()));
+    let cpu_task = sample_cpu(pids.clone(), redis_pid, win_start, win_end);
+    let memory = Arc::new(std::sync::Mutex::new((Vec::new(), 0u64)));
+    let mem_task = sample_memory(pids.clone(), t0, memory.clone());
 
     let pb = progress_bar(schedule.total_messages(), opts.quiet);
     let pshared = shared.clone();
@@ -552,12 +576,10 @@ pub async fn run_once(dep: &mut Deployment, opts: &RunOptions) -> Result<RunResu
             opts.faults,
             t0,
             &dep.targets,
+            &pids,
             ready_timeout
         )
     );
-    if let Ok(mut p) = mem_pids.lock() {
-        *p = dep.relay_pids();
-    }
     let (driver_stats, mut faults) = match (driven, faulted) {
         (Ok(s), Ok(f)) => (s, f),
         (Err(e), _) | (_, Err(e)) => {
@@ -589,33 +611,40 @@ pub async fn run_once(dep: &mut Deployment, opts: &RunOptions) -> Result<RunResu
 
     let snap = shared.snapshot();
     attribute_recoveries(&mut faults, &snap.recoveries);
+    if snap.contract.skipped > 0 {
+        warnings.push(format!(
+            "{} edits, reactions or deletes were not sent: the message each refers to was not \
+             accepted within --request-timeout",
+            snap.contract.skipped
+        ));
+    }
     let cluster = match &dep.admin {
         Some(admin) => get_json(&format!("{admin}/cluster")).await.ok(),
         None => None,
     };
     let window_s = opts.duration.as_secs_f64();
+    let (memory, peak_rss_kb) = memory.lock().map(|m| m.clone()).unwrap_or_default();
     let cpu = match cpu_task.await {
-        Ok((a, b)) => {
+        Ok(w) => {
             let ticks = clock_ticks_per_sec();
-            let wall = b.at.duration_since(a.at).as_secs_f64();
+            let wall = w.wall.as_secs_f64();
             let m = snap.accepted_measured;
-            let use_of = |x: Option<CpuTicks>, y: Option<CpuTicks>| match (x, y) {
-                (Some(x), Some(y)) => Some(cpu_use(x, y, ticks, wall, m)),
-                _ => None,
-            };
-            let relay = relay_ticks(&a, &b);
+            let use_of =
+                |x: Option<(CpuTicks, CpuTicks)>| x.map(|(a, b)| cpu_use(a, b, ticks, wall, m));
+            let relay = w
+                .relay_ticks
+                .map(|t| (CpuTicks::default(), CpuTicks { utime: t, stime: 0 }));
             CpuReport {
                 window_s: wall,
                 messages: m,
-                relay: use_of(relay.map(|r| r.0), relay.map(|r| r.1)),
-                redis: use_of(a.redis, b.redis),
-                harness: use_of(a.harness, b.harness),
-                relay_peak_rss_kb: relay_pids.iter().filter_map(|&p| read_peak_rss_kb(p)).max(),
+                relay: use_of(relay),
+                redis: use_of(w.redis),
+                harness: use_of(w.harness),
+                relay_peak_rss_kb: (peak_rss_kb > 0).then_some(peak_rss_kb),
             }
         }
         Err(_) => CpuReport::default(),
     };
-    let memory = memory.lock().map(|m| m.clone()).unwrap_or_default();
 
     let passed = snap.contract.passed;
     let recipients_per_event = plan.workload.recipients(&plan.workload.event(0)).len();
@@ -649,8 +678,8 @@ pub async fn run_once(dep: &mut Deployment, opts: &RunOptions) -> Result<RunResu
             },
             protocol: opts.protocol.name().into(),
             nodes: match opts.protocol {
-                Protocol::Http => relay_pids.len().max(dep.targets.http().len()),
-                Protocol::Grpc => relay_pids.len().max(dep.targets.grpc().len()),
+                Protocol::Http => nodes_at_start.max(dep.targets.http().len()),
+                Protocol::Grpc => nodes_at_start.max(dep.targets.grpc().len()),
             },
             recipients_per_event,
             retry_for_s: opts.retry_for.as_secs_f64(),

@@ -597,6 +597,12 @@ fn pods_are_locked_down_and_the_grace_period_covers_the_drain() -> Result<()> {
         ensure!(!pods.is_empty(), "{case}: no pods");
         for (what, spec) in &pods {
             let what = format!("{case}: {what}");
+            // Service links would put <SERVICE>_PORT… variables in the pod: for a release
+            // named "fedrelay…" those are FEDRELAY_* names the relay reads as config.
+            ensure!(
+                spec["enableServiceLinks"] == false,
+                "{what}: service links are on"
+            );
             let psc = &spec["securityContext"];
             ensure!(psc["runAsNonRoot"] == true, "{what}: runAsNonRoot not set");
             ensure!(
