@@ -35,7 +35,13 @@ pub struct EtcdConfig {
     pub lease_ttl: Duration,
     /// This node.
     pub me: Member,
+    /// TLS for `https://` endpoints: the CA to trust and, for etcd's client-certificate
+    /// authentication, this node's certificate.
+    pub tls: Option<TlsOptions>,
 }
+
+/// TLS settings for `https://` etcd endpoints (tonic's client TLS, with rustls).
+pub use etcd_client::TlsOptions;
 
 /// The value of a node key.
 #[derive(Debug, Serialize, Deserialize)]
@@ -214,10 +220,13 @@ async fn follow(
     first: &mut Option<tokio::sync::oneshot::Sender<Result<(), MembershipError>>>,
 ) -> Result<(), MembershipError> {
     let ttl = cfg.lease_ttl;
-    let opts = ConnectOptions::new()
+    let mut opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(ttl / 2)
         .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
+    if let Some(tls) = &cfg.tls {
+        opts = opts.with_tls(tls.clone());
+    }
     let mut client = Client::connect(&cfg.endpoints, Some(opts))
         .await
         .map_err(etcd_err)?;

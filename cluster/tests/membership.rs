@@ -15,6 +15,7 @@ fn config(etcd: &EtcdServer, id: &str) -> EtcdConfig {
         prefix: "/fedrelay/membership-test/".into(),
         lease_ttl: Duration::from_secs(2),
         me: Member::new(id, format!("127.0.0.1:1{id}")),
+        tls: None,
     }
 }
 

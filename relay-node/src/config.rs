@@ -124,9 +124,15 @@ pub enum StoreBackend {
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     pub backend: StoreBackend,
+    /// `redis://host:port`, or `rediss://host:port` for TLS.
     pub redis_url: String,
     pub key_prefix: String,
     pub response_timeout_ms: u64,
+    /// With `rediss://`: a CA (PEM) to trust instead of the system's roots, and a client
+    /// certificate and key for a Redis that requires one (`tls-auth-clients`).
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -136,6 +142,9 @@ impl Default for StoreConfig {
             redis_url: "redis://127.0.0.1:6379".into(),
             key_prefix: "fr".into(),
             response_timeout_ms: 2_000,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -491,7 +500,13 @@ pub struct ClusterConfig {
     pub membership: MembershipKind,
     /// Cluster name: the etcd key prefix is `/fedrelay/<name>/`.
     pub name: String,
+    /// `http://` or, with TLS, `https://` URLs (all the same scheme).
     pub etcd_endpoints: Vec<String>,
+    /// For `https://` endpoints: the CA (PEM) that signed etcd's certificate, and this node's
+    /// certificate and key when etcd checks client certificates (`--client-cert-auth`).
+    pub etcd_tls_ca: Option<PathBuf>,
+    pub etcd_tls_cert: Option<PathBuf>,
+    pub etcd_tls_key: Option<PathBuf>,
     /// A node that stops renewing its lease (dead, paused, cut off) drops out after this.
     pub lease_ttl_secs: u64,
     /// Where peers' gRPC (sessions, presence, status) is served.
@@ -529,6 +544,9 @@ impl Default for ClusterConfig {
             membership: MembershipKind::Static,
             name: "default".into(),
             etcd_endpoints: Vec::new(),
+            etcd_tls_ca: None,
+            etcd_tls_cert: None,
+            etcd_tls_key: None,
             lease_ttl_secs: 5,
             grpc_listen: None,
             grpc_advertise: None,
@@ -729,7 +747,53 @@ impl Config {
         {
             return bad("sizes and batch limits must be positive".into());
         }
+        let st = &self.store;
+        if st.redis_url.contains("#insecure") {
+            return bad(
+                "store: `#insecure` would turn off the check of Redis's certificate; trust its CA with `tls_ca` instead".into(),
+            );
+        }
+        if st.tls_cert.is_some() != st.tls_key.is_some() {
+            return bad("store: give both `tls_cert` and `tls_key`, or neither".into());
+        }
+        if (st.tls_ca.is_some() || st.tls_cert.is_some()) && !st.redis_url.starts_with("rediss://")
+        {
+            return bad(
+                "store: `tls_ca`/`tls_cert` are for TLS; use a rediss:// `redis_url`".into(),
+            );
+        }
         let c = &self.cluster;
+        let https = c
+            .etcd_endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        if https != 0 && https != c.etcd_endpoints.len() {
+            return bad("cluster: `etcd_endpoints` must be all http:// or all https://".into());
+        }
+        if let Some(e) = c
+            .etcd_endpoints
+            .iter()
+            .find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+        {
+            return bad(format!(
+                "cluster: etcd endpoint `{e}` must be an http:// or https:// URL"
+            ));
+        }
+        if c.etcd_tls_cert.is_some() != c.etcd_tls_key.is_some() {
+            return bad("cluster: give both `etcd_tls_cert` and `etcd_tls_key`, or neither".into());
+        }
+        if https > 0 && c.etcd_tls_ca.is_none() {
+            return bad(
+                "cluster: https:// etcd endpoints need `etcd_tls_ca`, the CA that signed etcd's certificate".into(),
+            );
+        }
+        if https == 0 && (c.etcd_tls_ca.is_some() || c.etcd_tls_cert.is_some()) {
+            return bad(
+                "cluster: `etcd_tls_ca`/`etcd_tls_cert` are for TLS; use https:// `etcd_endpoints`"
+                    .into(),
+            );
+        }
         if c.membership == MembershipKind::Etcd {
             if c.etcd_endpoints.is_empty() {
                 return bad("cluster: membership = \"etcd\" needs `etcd_endpoints`".into());
@@ -941,6 +1005,74 @@ between = ["a.example", "b.example"]
         assert_eq!(c.domains.len(), 2);
         assert_eq!(c.store.backend, StoreBackend::Memory);
         assert_eq!(c.http.max_body_bytes, 65536);
+        Ok(())
+    }
+
+    #[test]
+    fn tls_to_redis_and_etcd_is_checked() -> Result<(), ConfigError> {
+        // `extra` replaces the base config's [store] section.
+        let load = |extra: &str| {
+            Config::from_toml(
+                &BASE.replace("[store]\nbackend = \"memory\"\n", extra),
+                std::iter::empty(),
+            )
+        };
+        let invalid = |extra: &str, needle: &str| {
+            let e = load(extra);
+            assert!(
+                matches!(&e, Err(ConfigError::Invalid(m)) if m.contains(needle)),
+                "{extra}: {e:?}"
+            );
+        };
+        let c = load(
+            "[store]\nredis_url = \"rediss://r:6380\"\ntls_ca = \"/ca.pem\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\n",
+        )?;
+        assert_eq!(
+            c.store.tls_ca.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
+        invalid(
+            "[store]\nredis_url = \"redis://r:6379\"\ntls_ca = \"/ca.pem\"\n",
+            "rediss://",
+        );
+        invalid(
+            "[store]\nredis_url = \"rediss://r:6380\"\ntls_cert = \"/c.pem\"\n",
+            "both `tls_cert` and `tls_key`",
+        );
+        invalid(
+            "[store]\nredis_url = \"rediss://r:6380/#insecure\"\n",
+            "`#insecure`",
+        );
+        let cluster = |endpoints: &str, tls: &str| {
+            format!(
+                "[store]\nbackend = \"redis\"\n[cluster]\nmembership = \"etcd\"\ngrpc_listen = \"127.0.0.1:7000\"\netcd_endpoints = {endpoints}\n{tls}\n"
+            )
+        };
+        let c = load(&cluster(
+            "[\"https://e1:2379\", \"https://e2:2379\"]",
+            "etcd_tls_ca = \"/ca.pem\"\netcd_tls_cert = \"/c.pem\"\netcd_tls_key = \"/k.pem\"",
+        ))?;
+        assert_eq!(c.cluster.etcd_endpoints.len(), 2);
+        invalid(&cluster("[\"https://e1:2379\"]", ""), "need `etcd_tls_ca`");
+        invalid(
+            &cluster(
+                "[\"http://e1:2379\", \"https://e2:2379\"]",
+                "etcd_tls_ca = \"/ca.pem\"",
+            ),
+            "all http:// or all https://",
+        );
+        invalid(
+            &cluster("[\"http://e1:2379\"]", "etcd_tls_ca = \"/ca.pem\""),
+            "https://",
+        );
+        invalid(&cluster("[\"e1:2379\"]", ""), "http:// or https:// URL");
+        invalid(
+            &cluster(
+                "[\"https://e1:2379\"]",
+                "etcd_tls_ca = \"/ca.pem\"\netcd_tls_key = \"/k.pem\"",
+            ),
+            "both `etcd_tls_cert` and `etcd_tls_key`",
+        );
         Ok(())
     }
 

@@ -11,7 +11,7 @@
 //! and exit.
 
 use crate::admin::{self, AdminState};
-use crate::config::{ClusterConfig, Config, MembershipKind, StoreBackend};
+use crate::config::{ClusterConfig, Config, MembershipKind, StoreBackend, StoreConfig};
 use crate::control::metadata::MetadataLog;
 use crate::control::policy::Policy;
 use crate::edges::teams::state::{MemoryKv, RedisKv, TeamsState};
@@ -26,7 +26,7 @@ use cluster::{
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use session_actor::store::{
-    MemoryOutbox, MemoryStore, Outbox, RedisOutbox, RedisStore, RedisStoreConfig,
+    MemoryOutbox, MemoryStore, Outbox, RedisOutbox, RedisStore, RedisStoreConfig, RedisTls,
 };
 use session_actor::{MetadataSink, SessionDeps, SessionStore, SupervisorHandle};
 use std::future::Future;
@@ -101,6 +101,7 @@ pub async fn run(
             prefix: format!("/fedrelay/{}/", cfg.cluster.name),
             lease_ttl: Duration::from_secs(cfg.cluster.lease_ttl_secs),
             me: Member::new(&node_id, &grpc_addr),
+            tls: etcd_tls(&cfg.cluster)?,
         })
         .await
         .context("joining the cluster in etcd")?,
@@ -300,6 +301,35 @@ fn cluster_tls(
     Ok((Some(client), Some(server)))
 }
 
+fn read_pem(p: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+}
+
+/// TLS to Redis (`rediss://`): the CA to trust and a client certificate, from the config.
+fn redis_tls(s: &StoreConfig) -> anyhow::Result<RedisTls> {
+    Ok(RedisTls {
+        ca: s.tls_ca.as_deref().map(read_pem).transpose()?,
+        client: match (&s.tls_cert, &s.tls_key) {
+            (Some(c), Some(k)) => Some((read_pem(c)?, read_pem(k)?)),
+            _ => None,
+        },
+    })
+}
+
+/// TLS to etcd (`https://` endpoints): its CA and, for client-certificate auth, this node's.
+fn etcd_tls(c: &ClusterConfig) -> anyhow::Result<Option<cluster::etcd::TlsOptions>> {
+    use tonic::transport::{Certificate, Identity};
+    let Some(ca) = &c.etcd_tls_ca else {
+        return Ok(None);
+    };
+    let mut tls =
+        cluster::etcd::TlsOptions::new().ca_certificate(Certificate::from_pem(read_pem(ca)?));
+    if let (Some(cert), Some(key)) = (&c.etcd_tls_cert, &c.etcd_tls_key) {
+        tls = tls.identity(Identity::from_pem(read_pem(cert)?, read_pem(key)?));
+    }
+    Ok(Some(tls))
+}
+
 /// Where the node keeps its state.
 struct Stores {
     store: Arc<dyn SessionStore>,
@@ -325,6 +355,7 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
         }
         StoreBackend::Redis => {
             let mut rcfg = RedisStoreConfig::new(cfg.store.redis_url.clone());
+            rcfg.tls = redis_tls(&cfg.store)?;
             rcfg.key_prefix = cfg.store.key_prefix.clone();
             rcfg.response_timeout = Duration::from_millis(cfg.store.response_timeout_ms);
             let store = RedisStore::new(&rcfg).context("redis store")?;

@@ -227,6 +227,106 @@ fn listen_port(t: &toml::Table, section: &str) -> Result<i64> {
         .with_context(|| format!("{section}.listen {listen} has no port"))
 }
 
+/// The files relay.toml names, as (`section.key`, path): every `*_file` key and every TLS file
+/// (`tls_cert`, `tls_key`, `tls_ca`, `etcd_tls_*`), in tables and arrays of tables.
+fn named_files(t: &toml::Table) -> Vec<(String, String)> {
+    fn visit(at: &str, table: &toml::Table, files: &mut Vec<(String, String)>) {
+        for (k, v) in table {
+            let is_file = k.ends_with("_file")
+                || k.ends_with("tls_cert")
+                || k.ends_with("tls_key")
+                || k.ends_with("tls_ca");
+            if let (true, Some(p)) = (is_file, v.as_str()) {
+                files.push((format!("{at}.{k}"), p.to_string()));
+            }
+        }
+    }
+    let mut files = Vec::new();
+    for (section, v) in t {
+        match v {
+            toml::Value::Table(table) => visit(section, table, &mut files),
+            toml::Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let Some(table) = item.as_table() {
+                        visit(&format!("{section}[{i}]"), table, &mut files);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    files
+}
+
+/// The Secret and key that the container finds at `path`: the read-only volumeMount holding
+/// it (the deepest), the pod's volume of that name, and the Secret item projected to that path.
+fn mounted_secret(spec: &Value, container: &Value, path: &str) -> Result<(String, String)> {
+    let (mount, rel) = container["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["subPath"].is_null())
+        .filter_map(|m| {
+            let dir = m["mountPath"].as_str()?;
+            let rel = path.strip_prefix(dir)?.strip_prefix('/')?;
+            Some((m, rel))
+        })
+        .max_by_key(|(m, _)| m["mountPath"].as_str().map_or(0, str::len))
+        .with_context(|| format!("{path} is under no volumeMount of the container"))?;
+    ensure!(
+        mount["readOnly"] == true,
+        "{path}: its volumeMount is not read-only"
+    );
+    let volume_name = mount["name"]
+        .as_str()
+        .context("a volumeMount without name")?;
+    let volume = spec["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == volume_name)
+        .with_context(|| format!("{path}: the pod has no volume {volume_name}"))?;
+    let sources: Vec<(&Value, &Value)> = if volume["secret"].is_object() {
+        vec![(&volume["secret"], &volume["secret"]["secretName"])]
+    } else {
+        volume["projected"]["sources"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["secret"].is_object())
+            .map(|s| (&s["secret"], &s["secret"]["name"]))
+            .collect()
+    };
+    for (secret, secret_name) in sources {
+        for item in secret["items"].as_array().into_iter().flatten() {
+            if item["path"] == rel {
+                let secret_name = secret_name
+                    .as_str()
+                    .with_context(|| format!("{path}: a Secret source without a name"))?;
+                let key = item["key"]
+                    .as_str()
+                    .with_context(|| format!("{path}: an item without a key"))?;
+                return Ok((secret_name.to_string(), key.to_string()));
+            }
+        }
+    }
+    bail!("{path}: volume {volume_name} projects no Secret item to {rel}: {volume}")
+}
+
+/// The ports the relay pods' NetworkPolicy lets them reach, for rules limited by `to` peers
+/// equal to `to`.
+fn egress_ports_to(docs: &[Value], to: &Value) -> Result<BTreeSet<i64>> {
+    let np = find(docs, "NetworkPolicy", &fullname())?;
+    Ok(np["spec"]["egress"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|rule| &rule["to"] == to)
+        .flat_map(|rule| rule["ports"].as_array().into_iter().flatten())
+        .filter_map(|p| p["port"].as_i64())
+        .collect())
+}
+
 #[test]
 fn helm_lint_passes_with_the_default_values_and_every_ci_file() -> Result<()> {
     for (case, values) in cases()? {
@@ -574,6 +674,193 @@ fn the_rendered_relay_toml_passes_check_config() -> Result<()> {
             "{case}: a bad environment override passed check-config"
         );
     }
+    Ok(())
+}
+
+/// Every file relay.toml names (secrets, TLS certificates and keys) is in a Secret that the
+/// relay container mounts read-only, in every case.
+#[test]
+fn every_file_relay_toml_names_is_mounted_from_a_secret() -> Result<()> {
+    let mut named = 0;
+    for (case, values) in cases()? {
+        let docs = render(&case, values.as_deref())?;
+        let toml = toml_table(&relay_toml(&docs)?)?;
+        let sts = find(&docs, "StatefulSet", &fullname())?;
+        let spec = &sts["spec"]["template"]["spec"];
+        let relay = relay_container(sts)?;
+        for (key, path) in named_files(&toml) {
+            mounted_secret(spec, relay, &path).with_context(|| format!("{case}: {key}"))?;
+            named += 1;
+        }
+    }
+    ensure!(named >= 10, "only {named} files named in all the cases");
+    Ok(())
+}
+
+/// The production variant reaches Redis (rediss://, with the password) and etcd (https://)
+/// over TLS with client certificates: relay.toml names the CA, certificate and key, mounted
+/// from the Secrets and keys the values give; `check-config` accepts it and reads those keys;
+/// the NetworkPolicy lets the pods reach the URLs' ports; the loadtest Job, which talks to
+/// neither, does not get the client keys.
+#[test]
+fn the_production_variant_speaks_tls_to_redis_and_etcd() -> Result<()> {
+    let values_file = chart().join("ci/production-external.yaml");
+    let values: Value = serde_norway::from_str(&std::fs::read_to_string(&values_file)?)?;
+    let defaults: Value =
+        serde_norway::from_str(&std::fs::read_to_string(chart().join("values.yaml"))?)?;
+    let docs = render("ci/production-external.yaml", Some(&values_file))?;
+    let text = relay_toml(&docs)?;
+    let toml = toml_table(&text)?;
+    let sts = find(&docs, "StatefulSet", &fullname())?;
+    let spec = &sts["spec"]["template"]["spec"];
+    let relay = relay_container(sts)?;
+    let env = pod_env(sts)?;
+    let get = |section: &str, key: &str| {
+        toml.get(section)
+            .and_then(|s| s.get(key))
+            .with_context(|| format!("relay.toml has no {section}.{key}"))
+    };
+
+    ensure!(
+        get("store", "redis_url")?
+            .as_str()
+            .is_some_and(|u| u.starts_with("rediss://")),
+        "store.redis_url is not rediss://"
+    );
+    let url = env
+        .iter()
+        .find(|(k, _)| k == "FEDRELAY_STORE__REDIS_URL")
+        .map(|(_, v)| v.as_str());
+    ensure!(
+        url.is_some_and(|u| u.starts_with("rediss://fedrelay:from-a-secret@")),
+        "the pod's Redis URL with the password is {url:?}"
+    );
+    let endpoints = get("cluster", "etcd_endpoints")?
+        .as_array()
+        .context("cluster.etcd_endpoints is not a list")?;
+    ensure!(
+        !endpoints.is_empty()
+            && endpoints
+                .iter()
+                .all(|e| e.as_str().is_some_and(|e| e.starts_with("https://"))),
+        "cluster.etcd_endpoints are not all https://: {endpoints:?}"
+    );
+
+    for (section, key, backend, value) in [
+        ("store", "tls_ca", "externalRedis", "caKey"),
+        ("store", "tls_cert", "externalRedis", "certKey"),
+        ("store", "tls_key", "externalRedis", "keyKey"),
+        ("cluster", "etcd_tls_ca", "externalEtcd", "caKey"),
+        ("cluster", "etcd_tls_cert", "externalEtcd", "certKey"),
+        ("cluster", "etcd_tls_key", "externalEtcd", "keyKey"),
+    ] {
+        let path = get(section, key)?
+            .as_str()
+            .with_context(|| format!("{section}.{key} is not a path"))?;
+        let tls = &values[backend]["tls"];
+        let want_secret = tls["existingSecret"]
+            .as_str()
+            .with_context(|| format!("the ci file has no {backend}.tls.existingSecret"))?;
+        let want_key = tls[value]
+            .as_str()
+            .or_else(|| defaults[backend]["tls"][value].as_str())
+            .with_context(|| format!("no {backend}.tls.{value}"))?;
+        let (secret, secret_key) =
+            mounted_secret(spec, relay, path).with_context(|| format!("{section}.{key}"))?;
+        ensure!(
+            secret == want_secret && secret_key == want_key,
+            "{section}.{key} = {path} is {secret}/{secret_key} in the pod, \
+             not {backend}.tls ({want_secret}/{want_key})"
+        );
+    }
+
+    // The loadtest Job plays the HTTP edge only: no Redis or etcd client keys there.
+    let job = docs
+        .iter()
+        .find(|d| kind(d) == "Job")
+        .context("no loadtest Job rendered")?;
+    let job_volumes = job["spec"]["template"]["spec"]["volumes"].to_string();
+    for backend in ["externalRedis", "externalEtcd"] {
+        let secret = values[backend]["tls"]["existingSecret"].to_string();
+        ensure!(
+            !job_volumes.contains(&secret),
+            "the loadtest Job mounts {secret}: {job_volumes}"
+        );
+    }
+
+    // check-config accepts it, and does read the TLS keys: with a plain redis:// URL (the
+    // environment override) or https:// etcd without its CA, it refuses the same file.
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("relay.toml");
+    std::fs::write(&file, &text)?;
+    let out = check_config(&file, &env, true)?;
+    ensure!(
+        out.status.success() && output_text(&out).contains(": ok ("),
+        "relay-node check-config refuses the TLS variant:\n{}\n{text}",
+        output_text(&out)
+    );
+    let mut plain = env.clone();
+    plain.retain(|(k, _)| k != "FEDRELAY_STORE__REDIS_URL");
+    plain.push((
+        "FEDRELAY_STORE__REDIS_URL".into(),
+        "redis://redis-master.data.svc:6379/0".into(),
+    ));
+    let out = check_config(&file, &plain, true)?;
+    ensure!(
+        !out.status.success() && output_text(&out).contains("rediss://"),
+        "check-config took Redis TLS files with a redis:// URL:\n{}",
+        output_text(&out)
+    );
+    let no_ca = dir.path().join("no-etcd-ca.toml");
+    let without: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("etcd_tls_ca"))
+        .collect();
+    std::fs::write(&no_ca, without.join("\n"))?;
+    let out = check_config(&no_ca, &env, true)?;
+    ensure!(
+        !out.status.success() && output_text(&out).contains("etcd_tls_ca"),
+        "check-config took https:// etcd endpoints without etcd_tls_ca:\n{}",
+        output_text(&out)
+    );
+
+    // NetworkPolicy egress to the ports of the rediss:// and https:// URLs: given, or Redis's
+    // default 6379 when the URL has none.
+    let redis_to = &values["networkPolicy"]["egress"]["redisTo"];
+    let etcd_to = &values["networkPolicy"]["egress"]["etcdTo"];
+    ensure!(
+        redis_to.is_array() && etcd_to.is_array(),
+        "no redisTo/etcdTo"
+    );
+    let ports = egress_ports_to(&docs, redis_to)?;
+    ensure!(
+        ports.contains(&6380),
+        "no egress to Redis on 6380: {ports:?}"
+    );
+    let ports = egress_ports_to(&docs, etcd_to)?;
+    ensure!(
+        ports.contains(&2379),
+        "no egress to etcd on 2379: {ports:?}"
+    );
+    let yaml = template(
+        Some(&values_file),
+        &[
+            "externalRedis.url=rediss://redis-master.data.svc/0",
+            "externalEtcd.endpoints={https://etcd-0.etcd.data.svc:12379,https://etcd-1.etcd.data.svc:12379}",
+        ],
+    )?
+    .map_err(|e| anyhow::anyhow!("other ports did not render:\n{e}"))?;
+    let other = documents(&yaml)?;
+    let redis_ports = egress_ports_to(&other, redis_to)?;
+    let etcd_ports = egress_ports_to(&other, etcd_to)?;
+    ensure!(
+        redis_ports.contains(&6379) && etcd_ports.contains(&12379),
+        "egress ports {redis_ports:?} / {etcd_ports:?} for rediss://…/0 and https://…:12379"
+    );
+    ensure!(
+        !redis_ports.contains(&6380) && !etcd_ports.contains(&2379),
+        "egress to ports no URL names: {redis_ports:?} / {etcd_ports:?}"
+    );
     Ok(())
 }
 
@@ -942,10 +1229,82 @@ fn bad_values_fail_rendering_with_a_message_naming_them() -> Result<()> {
             ),
         ),
         (
-            "Redis over TLS, which the relay cannot speak",
+            "https:// etcd endpoints without a TLS Secret",
             (
-                vec!["externalRedis.url=rediss://redis:6380"],
-                vec!["externalRedis.url"],
+                vec!["externalEtcd.endpoints={https://etcd-0:2379,https://etcd-1:2379}"],
+                vec![
+                    "externalEtcd.endpoints",
+                    "https://",
+                    "externalEtcd.tls.existingSecret",
+                ],
+            ),
+        ),
+        (
+            "etcd endpoints mixing http:// and https://",
+            (
+                vec![
+                    "externalEtcd.endpoints={https://etcd-0:2379,http://etcd-1:2379}",
+                    "externalEtcd.tls.existingSecret=etcd-tls",
+                ],
+                vec![
+                    "externalEtcd.endpoints",
+                    "http://etcd-1:2379",
+                    "all https://",
+                ],
+            ),
+        ),
+        (
+            "an etcd TLS Secret with http:// endpoints",
+            (
+                vec![
+                    "externalEtcd.endpoints={http://etcd-0:2379}",
+                    "externalEtcd.tls.existingSecret=etcd-tls",
+                ],
+                vec!["externalEtcd.tls.existingSecret=etcd-tls", "https://"],
+            ),
+        ),
+        (
+            "an etcd endpoint without a port",
+            (
+                vec!["externalEtcd.endpoints={https://etcd-0}"],
+                vec!["externalEtcd.endpoints.0"],
+            ),
+        ),
+        (
+            "a Redis TLS Secret with a redis:// URL",
+            (
+                vec![
+                    "externalRedis.url=redis://redis:6379",
+                    "externalRedis.tls.existingSecret=redis-tls",
+                ],
+                vec![
+                    "externalRedis.tls.existingSecret=redis-tls",
+                    "externalRedis.url",
+                    "rediss://",
+                ],
+            ),
+        ),
+        (
+            "a Redis TLS Secret with the in-chart Redis",
+            (
+                vec![
+                    "redis.enabled=true",
+                    "externalRedis.tls.existingSecret=redis-tls",
+                ],
+                vec!["externalRedis.tls.existingSecret", "rediss://"],
+            ),
+        ),
+        (
+            "a Redis client certificate without a Secret",
+            (
+                vec![
+                    "externalRedis.url=rediss://redis:6380",
+                    "externalRedis.tls.clientCert=true",
+                ],
+                vec![
+                    "externalRedis.tls.clientCert",
+                    "externalRedis.tls.existingSecret",
+                ],
             ),
         ),
         (
@@ -976,6 +1335,12 @@ fn bad_values_fail_rendering_with_a_message_naming_them() -> Result<()> {
         ],
         vec!["terminationGracePeriodSeconds=30"],
         vec!["replicas=1", "store.backend=memory"],
+        // TLS to Redis with the system's roots needs no Secret; https:// etcd with its CA.
+        vec!["externalRedis.url=rediss://redis:6380"],
+        vec![
+            "externalEtcd.endpoints={https://etcd-0:2379,https://etcd-1:2379}",
+            "externalEtcd.tls.existingSecret=etcd-tls",
+        ],
     ] {
         if let Err(e) = template(None, &sets)? {
             bail!("{sets:?} did not render:\n{e}");

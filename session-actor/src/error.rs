@@ -17,6 +17,9 @@ pub enum StoreError {
     /// The store answered something that cannot be decoded.
     #[error("corrupt store data: {0}")]
     Corrupt(String),
+    /// The store's settings cannot work (e.g. TLS material for a plain `redis://` URL).
+    #[error("store settings: {0}")]
+    Config(String),
 }
 
 impl From<redis::RedisError> for StoreError {

@@ -1,6 +1,6 @@
 //! A real single-member `etcd` (Debian's `etcd-server`, 3.4) on free loopback ports.
 
-use crate::{find_binary, free_port, http_get};
+use crate::{ServerTls, find_binary, free_port, http_get, wait_port};
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,6 +16,8 @@ pub struct EtcdServer {
     child: Option<Child>,
     client_port: u16,
     peer_port: u16,
+    /// With TLS, clients speak HTTPS (and present a certificate when it is required).
+    tls: Option<ServerTls>,
     dir: tempfile::TempDir,
 }
 
@@ -23,6 +25,16 @@ impl EtcdServer {
     /// Starts etcd and waits until `GET /health` says `{"health":"true"}`. Fails naming
     /// `apt-get install etcd-server` when the binary is missing.
     pub fn start() -> Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// Starts etcd whose client URL is `https://` with `tls`'s certificate (and, when it says
+    /// so, `--client-cert-auth` against its CA). Waits until the client port listens.
+    pub fn start_tls(tls: ServerTls) -> Result<Self> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<ServerTls>) -> Result<Self> {
         // A port chosen free may be taken by another process before etcd binds it: try
         // again on fresh ports then.
         let mut attempt = 0;
@@ -32,6 +44,7 @@ impl EtcdServer {
                 child: None,
                 client_port: free_port()?,
                 peer_port: free_port()?,
+                tls: tls.clone(),
                 dir: tempfile::tempdir()?,
             };
             match s.spawn() {
@@ -42,9 +55,10 @@ impl EtcdServer {
         }
     }
 
-    /// The client URL, `http://127.0.0.1:<port>`, for `etcd_endpoints`.
+    /// The client URL, `http://127.0.0.1:<port>` (`https://` with TLS), for `etcd_endpoints`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     pub fn client_port(&self) -> u16 {
@@ -90,13 +104,25 @@ impl EtcdServer {
 
     fn spawn(&mut self) -> Result<()> {
         let bin = find_binary("etcd", "etcd-server")?;
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let mut child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca);
+            if t.require_client_cert {
+                cmd.arg("--client-cert-auth");
+            }
+        }
+        let mut child = cmd
             .arg("--name")
             .arg("t")
             .arg("--data-dir")
@@ -118,7 +144,16 @@ impl EtcdServer {
             .stderr(log)
             .spawn()
             .context("starting etcd")?;
-        match wait_healthy(self.client_port, &mut child, START_TIMEOUT) {
+        let up = match &self.tls {
+            None => wait_healthy(self.client_port, &mut child, START_TIMEOUT),
+            // `/health` is behind TLS then: its client port listening is what can be seen.
+            Some(_) => wait_port(
+                std::net::SocketAddr::from(([127, 0, 0, 1], self.client_port)),
+                &mut child,
+                START_TIMEOUT,
+            ),
+        };
+        match up {
             Ok(()) => {
                 self.child = Some(child);
                 Ok(())

@@ -72,7 +72,7 @@ pub fn find_binary(name: &str, package: &str) -> Result<PathBuf> {
     )
 }
 
-fn wait_port(addr: SocketAddr, child: &mut Child, timeout: Duration) -> Result<()> {
+pub(crate) fn wait_port(addr: SocketAddr, child: &mut Child, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
@@ -88,11 +88,22 @@ fn wait_port(addr: SocketAddr, child: &mut Child, timeout: Duration) -> Result<(
     }
 }
 
+/// A server's TLS: its certificate and key, and the CA whose client certificates it
+/// requires (when `require_client_cert`).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub require_client_cert: bool,
+}
+
 /// A `redis-server` of its own, on a free port, with its data in a temporary directory.
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     appendonly: bool,
+    tls: Option<ServerTls>,
     dir: tempfile::TempDir,
 }
 
@@ -110,7 +121,21 @@ impl RedisServer {
             child: None,
             port: free_port()?,
             appendonly,
+            tls: None,
             dir,
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    /// Starts a server that speaks only TLS (`rediss://`), persistence off.
+    pub fn start_tls(tls: ServerTls) -> Result<Self> {
+        let mut s = Self {
+            child: None,
+            port: free_port()?,
+            appendonly: false,
+            tls: Some(tls),
+            dir: tempfile::tempdir()?,
         };
         s.spawn()?;
         Ok(s)
@@ -119,9 +144,24 @@ impl RedisServer {
     fn spawn(&mut self) -> Result<()> {
         let bin = find_binary("redis-server", "redis-server")?;
         let mut cmd = Command::new(bin);
-        cmd.arg("--port")
-            .arg(self.port.to_string())
-            .arg("--bind")
+        match &self.tls {
+            None => {
+                cmd.arg("--port").arg(self.port.to_string());
+            }
+            Some(t) => {
+                cmd.args(["--port", "0", "--tls-port"])
+                    .arg(self.port.to_string())
+                    .arg("--tls-cert-file")
+                    .arg(&t.cert)
+                    .arg("--tls-key-file")
+                    .arg(&t.key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&t.ca)
+                    .arg("--tls-auth-clients")
+                    .arg(if t.require_client_cert { "yes" } else { "no" });
+            }
+        }
+        cmd.arg("--bind")
             .arg("127.0.0.1")
             .arg("--save")
             .arg("")
@@ -144,8 +184,14 @@ impl RedisServer {
         Ok(())
     }
 
+    /// `redis://127.0.0.1:<port>`, or `rediss://…` for a TLS server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn port(&self) -> u16 {

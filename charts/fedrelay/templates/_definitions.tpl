@@ -83,12 +83,46 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* The Redis URL with $(REDIS_PASSWORD), expanded by the kubelet from the Secret. */}}
 {{- define "fedrelay.redisUrlWithPassword" -}}
-{{- $rest := trimPrefix "redis://" (include "fedrelay.redisUrl" .) }}
-{{- printf "redis://%s:$(REDIS_PASSWORD)@%s" .Values.externalRedis.username $rest }}
+{{- $url := include "fedrelay.redisUrl" . }}
+{{- $scheme := regexFind "^[a-z]+://" $url }}
+{{- printf "%s%s:$(REDIS_PASSWORD)@%s" $scheme .Values.externalRedis.username (trimPrefix $scheme $url) }}
 {{- end }}
 
 {{- define "fedrelay.redisPassword" -}}
 {{- if and (not .Values.redis.enabled) .Values.externalRedis.url .Values.externalRedis.password.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/*
+TLS to the external Redis with material from externalRedis.tls.existingSecret, mounted at
+fedrelay.redisTlsDir: "true" or "". Without the Secret, a rediss:// URL uses the system's roots.
+*/}}
+{{- define "fedrelay.redisTls" -}}
+{{- $r := .Values.externalRedis }}
+{{- if and (eq (include "fedrelay.storeBackend" .) "redis") (not .Values.redis.enabled) (hasPrefix "rediss://" $r.url) $r.tls.existingSecret }}true{{ end }}
+{{- end }}
+
+{{- define "fedrelay.redisTlsDir" -}}/etc/fedrelay/redis-tls{{- end }}
+
+{{/* TLS to the external etcd (https:// endpoints) with externalEtcd.tls.existingSecret: "true" or "". */}}
+{{- define "fedrelay.etcdTls" -}}
+{{- $e := .Values.externalEtcd }}
+{{- if and (include "fedrelay.clustered" .) (not .Values.etcd.enabled) (gt (len $e.endpoints) 0) $e.tls.existingSecret }}true{{ end }}
+{{- end }}
+
+{{- define "fedrelay.etcdTlsDir" -}}/etc/fedrelay/etcd-tls{{- end }}
+
+{{/* The items of a backend's TLS Secret (externalRedis.tls / externalEtcd.tls), as YAML. */}}
+{{- define "fedrelay.backendTlsItems" -}}
+{{- if .caKey }}
+- key: {{ .caKey | quote }}
+  path: ca.crt
+{{- end }}
+{{- if .clientCert }}
+- key: {{ .certKey | quote }}
+  path: tls.crt
+- key: {{ .keyKey | quote }}
+  path: tls.key
+{{- end }}
 {{- end }}
 
 {{/* etcd client endpoints as a list (JSON). */}}
@@ -238,6 +272,31 @@ values to change.
 {{- if and (contains "@" $v.externalRedis.url) }}
 {{- fail "externalRedis.url must not hold credentials (it goes into a ConfigMap): give the password in externalRedis.password.existingSecret" }}
 {{- end }}
+{{- $rt := $v.externalRedis.tls }}
+{{- if and $rt.existingSecret (not (hasPrefix "rediss://" $v.externalRedis.url)) }}
+{{- fail (printf "externalRedis.tls.existingSecret=%s is for TLS to an external Redis, but externalRedis.url is %q, not a rediss:// URL: use rediss://host:port, or leave externalRedis.tls.existingSecret empty (the relay refuses TLS settings without rediss://)" $rt.existingSecret $v.externalRedis.url) }}
+{{- end }}
+{{- if and $rt.clientCert (not $rt.existingSecret) }}
+{{- fail "externalRedis.tls.clientCert=true needs externalRedis.tls.existingSecret: a Secret holding the client certificate and key (keys externalRedis.tls.certKey and externalRedis.tls.keyKey)" }}
+{{- end }}
+{{- if and $rt.existingSecret (not $rt.caKey) (not $rt.clientCert) }}
+{{- fail "externalRedis.tls.existingSecret is set but nothing is read from it: give externalRedis.tls.caKey (the CA that signed Redis's certificate) and/or externalRedis.tls.clientCert=true, or leave existingSecret empty to trust the system's roots" }}
+{{- end }}
+{{- $et := $v.externalEtcd.tls }}
+{{- $https := 0 }}
+{{- range $v.externalEtcd.endpoints }}{{ if hasPrefix "https://" . }}{{ $https = add1 $https }}{{ end }}{{ end }}
+{{- if and (gt $https 0) (lt $https (len $v.externalEtcd.endpoints)) }}
+{{- fail (printf "externalEtcd.endpoints mix http:// and https:// (%s): give all http:// or all https://" (join ", " $v.externalEtcd.endpoints)) }}
+{{- end }}
+{{- if and (gt $https 0) (not $et.existingSecret) }}
+{{- fail "externalEtcd.endpoints are https://: set externalEtcd.tls.existingSecret to a Secret holding the CA that signed etcd's certificate (key externalEtcd.tls.caKey, default ca.crt) and, with externalEtcd.tls.clientCert=true, this relay's client certificate and key" }}
+{{- end }}
+{{- if and $et.existingSecret (eq $https 0) }}
+{{- fail (printf "externalEtcd.tls.existingSecret=%s is for TLS to an external etcd, but externalEtcd.endpoints are not https:// (%s): use https:// endpoints, or leave externalEtcd.tls.existingSecret empty (the relay refuses TLS settings without https://)" $et.existingSecret (join ", " $v.externalEtcd.endpoints)) }}
+{{- end }}
+{{- if and $et.clientCert (not $et.existingSecret) }}
+{{- fail "externalEtcd.tls.clientCert=true needs externalEtcd.tls.existingSecret: a Secret holding the CA, the client certificate and key" }}
+{{- end }}
 {{- $names := dict }}
 {{- range $v.domains }}
 {{- if hasKey $names (lower .name) }}
@@ -347,4 +406,40 @@ values to change.
 - name: tmp
   emptyDir:
     sizeLimit: 64Mi
+{{- end }}
+
+{{/*
+TLS material for the external Redis and etcd, mounted in the relay pods only (the loadtest Job
+does not talk to them).
+*/}}
+{{- define "fedrelay.backendTlsVolumeMounts" -}}
+{{- if include "fedrelay.redisTls" . }}
+- name: redis-tls
+  mountPath: {{ include "fedrelay.redisTlsDir" . }}
+  readOnly: true
+{{- end }}
+{{- if include "fedrelay.etcdTls" . }}
+- name: etcd-tls
+  mountPath: {{ include "fedrelay.etcdTlsDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "fedrelay.backendTlsVolumes" -}}
+{{- if include "fedrelay.redisTls" . }}
+- name: redis-tls
+  secret:
+    secretName: {{ .Values.externalRedis.tls.existingSecret }}
+    defaultMode: 288 # 0440
+    items:
+      {{- include "fedrelay.backendTlsItems" .Values.externalRedis.tls | nindent 6 }}
+{{- end }}
+{{- if include "fedrelay.etcdTls" . }}
+- name: etcd-tls
+  secret:
+    secretName: {{ .Values.externalEtcd.tls.existingSecret }}
+    defaultMode: 288 # 0440
+    items:
+      {{- include "fedrelay.backendTlsItems" .Values.externalEtcd.tls | nindent 6 }}
+{{- end }}
 {{- end }}

@@ -13,7 +13,7 @@ mod redis;
 
 pub use memory::MemoryStore;
 pub use outbox::{MemoryOutbox, Outbox, OutboxEvent, OutboxItem, RedisOutbox};
-pub use redis::{RedisStore, RedisStoreConfig};
+pub use redis::{RedisStore, RedisStoreConfig, RedisTls};
 
 use crate::{SessionId, StoreError};
 use async_trait::async_trait;

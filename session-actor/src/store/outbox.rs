@@ -222,7 +222,7 @@ impl RedisOutbox {
         let channel = format!("{}:o:notify", cfg.key_prefix);
         let listener = match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                let client = redis::Client::open(cfg.url.as_str())?;
+                let client = super::redis::client(cfg)?;
                 Some(rt.spawn(listen(client, channel, signals.clone())))
             }
             Err(_) => None,

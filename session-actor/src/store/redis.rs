@@ -26,7 +26,11 @@ use std::time::Duration;
 /// How to reach Redis.
 #[derive(Debug, Clone)]
 pub struct RedisStoreConfig {
+    /// `redis://…`, or `rediss://…` for TLS (the system's roots, or `tls`).
     pub url: String,
+    /// For `rediss://`: a CA to trust instead of the system's roots, and a client certificate
+    /// for servers that require one.
+    pub tls: RedisTls,
     /// Prefix of every key, so several deployments can share a Redis.
     pub key_prefix: String,
     /// A call that takes longer fails (and the origin retries), instead of stalling a session.
@@ -38,6 +42,7 @@ impl RedisStoreConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            tls: RedisTls::default(),
             key_prefix: "fr".into(),
             response_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(1),
@@ -45,10 +50,53 @@ impl RedisStoreConfig {
     }
 }
 
+/// TLS material for `rediss://` URLs, in PEM.
+#[derive(Clone, Default)]
+pub struct RedisTls {
+    /// CA certificates to trust instead of the system's.
+    pub ca: Option<Vec<u8>>,
+    /// A client certificate and its key, for servers that require one.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("RedisTls")
+            .field("ca", &self.ca.is_some())
+            .field("client", &self.client.is_some())
+            .finish()
+    }
+}
+
+/// A client for `cfg.url`, with the TLS material of `cfg.tls` for `rediss://`.
+pub(crate) fn client(cfg: &RedisStoreConfig) -> Result<redis::Client, StoreError> {
+    let tls = &cfg.tls;
+    if tls.ca.is_none() && tls.client.is_none() {
+        return Ok(redis::Client::open(cfg.url.as_str())?);
+    }
+    if !cfg.url.starts_with("rediss://") {
+        return Err(StoreError::Config(
+            "TLS settings for Redis need a rediss:// URL".into(),
+        ));
+    }
+    let certs = redis::TlsCertificates {
+        client_tls: tls
+            .client
+            .as_ref()
+            .map(|(cert, key)| redis::ClientTlsConfig {
+                client_cert: cert.clone(),
+                client_key: key.clone(),
+            }),
+        root_cert: tls.ca.clone(),
+    };
+    Ok(redis::Client::build_with_tls(cfg.url.as_str(), certs)?)
+}
+
 /// Opens the shared, self-reconnecting connection. It connects lazily: a node starts while
 /// Redis is down and turns ready once Redis answers.
 pub(crate) fn connect(cfg: &RedisStoreConfig) -> Result<ConnectionManager, StoreError> {
-    let client = redis::Client::open(cfg.url.as_str())?;
+    let client = client(cfg)?;
     let mcfg = ConnectionManagerConfig::new()
         .set_response_timeout(Some(cfg.response_timeout))
         .set_connection_timeout(Some(cfg.connect_timeout))
