@@ -5,28 +5,8 @@
 use anyhow::{Context, Result, ensure};
 use std::path::Path;
 use std::process::{Command, Output};
+use test_support::certs::issue;
 use test_support::{RedisServer, RelayNode};
-
-/// A CA, a server certificate it signs for 127.0.0.1 and localhost, and a client certificate.
-fn issue(dir: &Path) -> Result<()> {
-    let ca_key = rcgen::KeyPair::generate()?;
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "loadtest test CA");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
-    for name in ["node", "client"] {
-        let key = rcgen::KeyPair::generate()?;
-        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])?
-            .signed_by(&key, &issuer)?;
-        std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
-        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem())?;
-    }
-    Ok(())
-}
 
 const SECRETS: [(&str, &str); 2] = [
     ("d0.tls.example", "tls-test-secret-d0-0123456789"),
@@ -103,7 +83,7 @@ fn passed(o: &Output, what: &str) -> Result<()> {
 fn https_edge_and_mutual_tls_grpc() -> Result<()> {
     let redis = RedisServer::start()?;
     let dir = tempfile::tempdir()?;
-    issue(dir.path())?;
+    issue(dir.path(), "", "loadtest test CA", &["node", "client"])?;
     let node = RelayNode::start(&config(&redis.url(), dir.path()))?;
     let ca = dir.path().join("ca.pem");
     let ca = ca.to_str().context("path")?;

@@ -10,31 +10,10 @@ use common::*;
 use session_actor::store::{RedisStore, RedisStoreConfig, RedisTls};
 use std::path::Path;
 use std::time::Duration;
+use test_support::certs::issue;
 use test_support::{EtcdServer, RedisServer, RelayNode, ServerTls};
 
 const T: Duration = Duration::from_secs(15);
-
-/// A CA named `name` in `dir/<prefix>ca.pem`, and certificates it signs for 127.0.0.1 and
-/// localhost: `<prefix>server.pem/.key` and `<prefix>client.pem/.key`.
-fn issue(dir: &Path, prefix: &str, name: &str) -> Result<()> {
-    let ca_key = rcgen::KeyPair::generate()?;
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    std::fs::write(dir.join(format!("{prefix}ca.pem")), ca_cert.pem())?;
-    for who in ["server", "client"] {
-        let key = rcgen::KeyPair::generate()?;
-        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])?
-            .signed_by(&key, &issuer)?;
-        std::fs::write(dir.join(format!("{prefix}{who}.pem")), cert.pem())?;
-        std::fs::write(dir.join(format!("{prefix}{who}.key")), key.serialize_pem())?;
-    }
-    Ok(())
-}
 
 fn server_tls(dir: &Path) -> ServerTls {
     ServerTls {
@@ -82,8 +61,8 @@ fn node_config(redis: &RedisServer, etcd: &EtcdServer, dir: &Path, ca: &str) -> 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_on_tls_redis_and_etcd_relays_and_wrong_trust_is_refused() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    issue(dir.path(), "", "backends CA")?;
-    issue(dir.path(), "other-", "some other CA")?;
+    issue(dir.path(), "", "backends CA", &["server", "client"])?;
+    issue(dir.path(), "other-", "some other CA", &["server", "client"])?;
     let redis = RedisServer::start_tls(server_tls(dir.path()))?;
     let etcd = EtcdServer::start_tls(server_tls(dir.path()))?;
     ensure!(redis.url().starts_with("rediss://") && etcd.endpoint().starts_with("https://"));

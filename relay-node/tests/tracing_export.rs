@@ -21,9 +21,9 @@ use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use serde_json::json;
 use std::io::Write;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use test_support::certs::issue;
 use test_support::{EtcdServer, RedisServer, RelayNode};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
@@ -167,32 +167,12 @@ struct ClusterCerts {
     dir: tempfile::TempDir,
 }
 
-/// A CA named `ca_name` and a certificate it signs for 127.0.0.1 and localhost, in `dir`:
-/// `<prefix>ca.pem`, `<prefix>node.pem` and `<prefix>node.key`.
-fn issue(dir: &Path, prefix: &str, ca_name: &str) -> Result<()> {
-    let ca_key = rcgen::KeyPair::generate()?;
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, ca_name);
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate()?;
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])?
-        .signed_by(&key, &issuer)?;
-    std::fs::write(dir.join(format!("{prefix}ca.pem")), ca_cert.pem())?;
-    std::fs::write(dir.join(format!("{prefix}node.pem")), cert.pem())?;
-    std::fs::write(dir.join(format!("{prefix}node.key")), key.serialize_pem())?;
-    Ok(())
-}
-
 impl ClusterCerts {
     fn make() -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        issue(dir.path(), "", CLUSTER_CA)?;
-        issue(dir.path(), "lookalike-", CLUSTER_CA)?;
-        issue(dir.path(), "foreign-", "some other CA")?;
+        issue(dir.path(), "", CLUSTER_CA, &["node"])?;
+        issue(dir.path(), "lookalike-", CLUSTER_CA, &["node"])?;
+        issue(dir.path(), "foreign-", "some other CA", &["node"])?;
         Ok(Self { dir })
     }
 
