@@ -28,7 +28,7 @@ use crate::stats::{
     read_peak_rss_kb, read_rss_kb,
 };
 use crate::system::{
-    ClusterMode, DeliverySpec, EmbeddedOptions, EmbeddedSystem, StoreKind, wait_ready,
+    ClusterMode, DeliverySpec, EmbeddedOptions, EmbeddedSystem, StoreKind, admin_json, wait_ready,
 };
 use crate::tls::{ClientTls, TlsFiles};
 
@@ -465,20 +465,6 @@ fn sample_memory(
     })
 }
 
-/// `GET url` as JSON (an admin endpoint).
-async fn get_json(url: &str) -> Result<serde_json::Value> {
-    use http_body_util::BodyExt;
-    let uri: hyper::Uri = url.parse().with_context(|| format!("bad URL {url}"))?;
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
-        .await
-        .context("timed out")??;
-    let body = resp.into_body().collect().await?.to_bytes();
-    Ok(serde_json::from_slice(&body)?)
-}
-
 /// Runs one scenario against the deployment and returns its result.
 pub async fn run_once(dep: &mut Deployment, opts: &RunOptions) -> Result<RunResult> {
     if !opts.scenario.protocols().contains(&opts.protocol) {
@@ -619,7 +605,7 @@ pub async fn run_once(dep: &mut Deployment, opts: &RunOptions) -> Result<RunResu
         ));
     }
     let cluster = match &dep.admin {
-        Some(admin) => get_json(&format!("{admin}/cluster")).await.ok(),
+        Some(admin) => admin_json(&format!("{admin}/cluster")).await.ok(),
         None => None,
     };
     let window_s = opts.duration.as_secs_f64();

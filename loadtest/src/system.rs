@@ -880,6 +880,11 @@ async fn get_json(
     serde_json::from_slice(&body).with_context(|| format!("GET {uri}: not JSON"))
 }
 
+/// `GET url` on an admin listener: 200 and a JSON body, within 3 s.
+pub async fn admin_json(url: &str) -> Result<serde_json::Value> {
+    get_json(&http_client(), url).await
+}
+
 /// What [`wait_members`] waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Members {
