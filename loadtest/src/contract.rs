@@ -312,6 +312,30 @@ impl ContractChecker {
         }
     }
 
+    /// The relay refused event `global` after all (an XMPP stanza error, which comes back on a
+    /// stream of its own, possibly after the acknowledgement that counted it as accepted): a
+    /// failed send, not an accepted one. An event already delivered stays accepted.
+    pub fn on_refused(&mut self, global: u64) {
+        let Some(i) = self.index(global) else { return };
+        match self.send[i] {
+            SendState::Pending => {
+                self.send[i] = SendState::Failed;
+                self.report.send_failed += 1;
+            }
+            SendState::Accepted if self.received[i] == 0 => {
+                self.send[i] = SendState::Failed;
+                self.report.accepted = self.report.accepted.saturating_sub(1);
+                self.report.send_failed += 1;
+                self.report.expected_deliveries = self
+                    .report
+                    .expected_deliveries
+                    .saturating_sub(u64::from(self.per_event));
+                self.outstanding = self.outstanding.saturating_sub(u64::from(self.per_event));
+            }
+            _ => {}
+        }
+    }
+
     /// Event `global` was not sent: what it refers to was not accepted.
     pub fn on_skipped(&mut self, global: u64) {
         let Some(i) = self.index(global) else { return };
@@ -640,6 +664,29 @@ mod tests {
         assert_eq!(r.accepted, 3);
         assert_eq!(r.expected_deliveries, 3);
         assert_eq!(r.received_unaccepted, 0);
+    }
+
+    #[test]
+    fn a_refusal_after_the_ack_is_a_failed_send_not_a_loss() {
+        let mut c = ContractChecker::new(RUN, 4, Fan::One);
+        for g in 0..3 {
+            accept(&mut c, g, None, None);
+        }
+        // 1 refused after its ack; 3 refused before it (its ack comes later and is ignored).
+        c.on_refused(1);
+        c.on_refused(3);
+        accept(&mut c, 3, None, None);
+        assert_eq!(c.outstanding(), 2);
+        recv(&mut c, 1, &msg("s", 1, 0, TO));
+        recv(&mut c, 1, &msg("s", 2, 2, TO));
+        // A refusal of something delivered changes nothing.
+        c.on_refused(2);
+        c.on_refused(99);
+        let r = c.report();
+        assert!(r.passed, "{r:?}");
+        assert_eq!((r.accepted, r.send_failed, r.lost), (2, 2, 0));
+        assert_eq!(r.expected_deliveries, 2);
+        assert_eq!(c.outstanding(), 0);
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! dispatcher waits for a slot, and the late requests still measure latency from their
 //! *intended* time, so a slow relay shows up as latency (no coordinated omission).
 //!
-//! Events go out over the HTTP edge (signed `POST /v1/events`) or straight into the session
+//! Events go out over the HTTP edge (signed `POST /v1/events`), straight into the session
 //! service over gRPC (`SessionService.Deliver` streams, as an edge uses them), spread over the
-//! nodes in [`Targets`] round robin. A send that fails in a way worth retrying (connection
+//! nodes in [`Targets`] round robin, or as XMPP stanzas over server-to-server streams
+//! ([`crate::xmpp`]), where the relay's XEP-0198 acknowledgement plays the 202. A send that fails in a way worth retrying (connection
 //! refused, 503, a closed stream) is tried again on the next node, with the same event id so
 //! the relay deduplicates it, for up to `retry_for`: what a well-behaved client does while a
 //! node dies or joins.
@@ -31,6 +32,7 @@ use crate::live::{Accepted, Shared};
 use crate::scenario::Protocol;
 use crate::sign::{HEADER_DOMAIN, HEADER_SIGNATURE, HEADER_TIMESTAMP, sign_body, unix_now_secs};
 use crate::tls::ClientTls;
+use crate::xmpp::XmppClient;
 use hyper_rustls::HttpsConnector;
 use tonic::transport::{ClientTlsConfig, Endpoint};
 
@@ -93,6 +95,8 @@ pub struct DriverOptions {
     /// How long a send may keep being retried after its first failure (zero: never).
     pub retry_for: Duration,
     pub tls: ClientTls,
+    /// The XMPP streams, for [`Protocol::Xmpp`].
+    pub xmpp: Option<Arc<XmppClient>>,
 }
 
 /// What the dispatcher itself observed.
@@ -110,6 +114,7 @@ pub struct DriverStats {
 enum Sender {
     Http(Arc<PostClient>),
     Grpc(Arc<GrpcPool>),
+    Xmpp(Arc<XmppClient>),
 }
 
 /// Sends every event of the plan on schedule; returns once all requests have finished.
@@ -133,6 +138,10 @@ pub async fn drive(shared: Arc<Shared>, opts: &DriverOptions) -> Result<DriverSt
                 opts.tls.grpc().cloned(),
             )))
         }
+        Protocol::Xmpp => match &opts.xmpp {
+            Some(x) => Sender::Xmpp(x.clone()),
+            None => bail!("no XMPP streams to send over"),
+        },
     };
     let sem = Arc::new(Semaphore::new(cap));
     let schedule = shared.plan.schedule;
@@ -217,6 +226,7 @@ async fn send_with_retries(shared: &Shared, sender: &Sender, opts: &DriverOption
                 Some(base) => send_grpc(shared, pool, &base, i, target.as_deref(), opts).await,
                 None => Outcome::Retry("no_target".into()),
             },
+            Sender::Xmpp(client) => send_xmpp(shared, client, i, opts).await,
         };
         match outcome {
             Outcome::Accepted(a) => {
@@ -323,6 +333,30 @@ async fn send_grpc(
         Ok(Ok(Ok(ack))) if ack.retryable => Outcome::Retry(ack.error_code),
         Ok(Ok(Ok(ack))) => Outcome::Failed(ack.error_code),
         Ok(Ok(Err(()))) | Ok(Err(_)) => Outcome::Retry("stream_closed".into()),
+        Err(_) => Outcome::Retry("timeout".into()),
+    }
+}
+
+async fn send_xmpp(shared: &Shared, client: &XmppClient, i: u64, opts: &DriverOptions) -> Outcome {
+    let (domain, stanza) = match shared.plan.stanza(i) {
+        Ok(x) => x,
+        Err(_) => return Outcome::Failed("encode_error".into()),
+    };
+    let sender = shared.plan.workload.event(i).sender;
+    let link = match client.link(client.slot_of(domain, sender)).await {
+        Ok(l) => l,
+        Err(_) => return Outcome::Retry("connect_error".into()),
+    };
+    let Some(reply) = link.send(stanza) else {
+        return Outcome::Retry("stream_closed".into());
+    };
+    match tokio::time::timeout(opts.request_timeout, reply).await {
+        // Covered by the relay's `h`: finished (journaled, or refused with a stanza error
+        // that comes back on the remote domain's listener and is counted there).
+        Ok(Ok(Ok(()))) => Outcome::Accepted(Accepted::default()),
+        Ok(Ok(Err(label))) if label.starts_with("stream_error") => Outcome::Failed(label),
+        Ok(Ok(Err(label))) => Outcome::Retry(label),
+        Ok(Err(_)) => Outcome::Retry("stream_closed".into()),
         Err(_) => Outcome::Retry("timeout".into()),
     }
 }

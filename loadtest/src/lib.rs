@@ -1,6 +1,7 @@
 //! `relay-loadtest`: the fedrelay load-test harness. It drives relay nodes over the network
-//! only (the HTTP edge of `docs/http-edge.md`, or the session service's gRPC stream as an edge
-//! uses it) and links no relay internals, only the wire model.
+//! only (the HTTP edge of `docs/http-edge.md`, the session service's gRPC stream as an edge
+//! uses it, or the XMPP edge's server-to-server streams) and links no relay internals, only
+//! the wire model.
 //!
 //! Where things live:
 //!
@@ -21,6 +22,9 @@
 //! - [`stats`]: HDR percentiles, per-second series, `/proc` CPU and machine info;
 //! - [`report`]: `result.json`, SVG plots, the summary table, `compare`;
 //! - [`tls`]: rustls for HTTPS targets and TLS/mTLS to the cluster's gRPC listeners;
+//! - [`xmpp`]: `--protocol xmpp`: server-to-server streams from a remote XMPP domain into the
+//!   relay's XMPP edge (STARTTLS, SASL EXTERNAL, XEP-0198 acks) and that domain's listener
+//!   for the relay's refusals;
 //! - [`runner`]: orchestration of a run (set-up, faults, sampling) and of `find-max`.
 
 pub mod contract;
@@ -36,3 +40,4 @@ pub mod sse;
 pub mod stats;
 pub mod system;
 pub mod tls;
+pub mod xmpp;

@@ -236,6 +236,23 @@ impl Shared {
         s.checker.on_send_failed(global);
     }
 
+    /// The relay refused event `global` after its send was answered (an XMPP stanza error):
+    /// a send error labelled `label`, and no longer an event expected to arrive.
+    pub fn on_refused(&self, global: u64, label: &str) {
+        let mut s = self.lock();
+        let now = self.now_ns();
+        s.series.error(now);
+        *s.send_errors.entry(label.to_owned()).or_insert(0) += 1;
+        s.send_errors_total += 1;
+        s.first_failure.remove(&global);
+        if s.checker.outcome(global) == Some(true)
+            && self.in_window(self.plan.schedule.intended_ns(global))
+        {
+            s.accepted_measured = s.accepted_measured.saturating_sub(1);
+        }
+        s.checker.on_refused(global);
+    }
+
     /// An event arrived for domain `domain`.
     pub fn on_event(&self, domain: usize, ev: &DeliveredEvent) -> Received {
         let mut s = self.lock();
@@ -398,6 +415,21 @@ mod tests {
         assert_eq!(snap.send_errors.get("503"), Some(&2));
         assert_eq!(snap.send_errors_total, 3);
         assert_eq!(sh.progress().errors, 3);
+        Ok(())
+    }
+
+    #[test]
+    fn a_refusal_after_acceptance_is_a_send_error() -> anyhow::Result<()> {
+        let sh = shared()?;
+        sh.on_accepted(5, sh.plan.schedule.intended_ns(5), &Accepted::default());
+        assert_eq!(sh.outstanding(), 1);
+        sh.on_refused(5, "xmpp_error:not-allowed");
+        let snap = sh.snapshot();
+        assert_eq!(sh.outstanding(), 0);
+        assert_eq!(snap.send_errors.get("xmpp_error:not-allowed"), Some(&1));
+        assert_eq!((snap.contract.accepted, snap.contract.send_failed), (0, 1));
+        assert_eq!(snap.accepted_measured, 0);
+        assert!(snap.contract.passed, "{:?}", snap.contract);
         Ok(())
     }
 

@@ -19,9 +19,10 @@ use relay_loadtest::plan::{DomainSpec, domains_from_relay_config, parse_domain_f
 use relay_loadtest::receiver::ReceiveMode;
 use relay_loadtest::report::{compare, compare_text, summary_text};
 use relay_loadtest::runner::{
-    DeploymentSpec, Faults, FindMaxOptions, RunOptions, default_out_dir, find_max, run_and_report,
+    DeploymentSpec, Faults, FindMaxOptions, RunOptions, XmppEmbeddedSpec, XmppTargetSpec,
+    default_out_dir, find_max, run_and_report,
 };
-use relay_loadtest::scenario::{Protocol, ScenarioKind, Shape, parse_duration};
+use relay_loadtest::scenario::{Protocol, ScenarioKind, Shape, XMPP_DOMAIN, parse_duration};
 use relay_loadtest::system::{ClusterMode, StoreKind};
 use relay_loadtest::tls::TlsFiles;
 use serde::Deserialize;
@@ -89,10 +90,35 @@ struct RunArgs {
     #[arg(long)]
     #[serde(skip)]
     file: Option<PathBuf>,
-    /// How to send: signed events on the HTTP edge, or envelopes straight into the session
-    /// service over gRPC (fan-out: grpc only; presence-storm: http only).
+    /// How to send: signed events on the HTTP edge, envelopes straight into the session
+    /// service over gRPC (fan-out: grpc only; presence-storm: http only), or XMPP stanzas from
+    /// a remote domain's users over server-to-server streams (one-to-one only).
     #[arg(long, value_enum)]
     protocol: Option<Protocol>,
+    /// --protocol xmpp: server-to-server streams in all (default 4), rounded up to a multiple
+    /// of the receiving domains (a stream carries stanzas to one domain); each sender always
+    /// uses the same one.
+    #[arg(long)]
+    xmpp_connections: Option<usize>,
+    /// --protocol xmpp: the remote XMPP domain whose users send (default xmpp.load; with
+    /// --target, an XMPP peer of the deployment that authenticates with SASL EXTERNAL).
+    #[arg(long)]
+    xmpp_domain: Option<String>,
+    /// With --target and --protocol xmpp: a node's XMPP s2s listener, host:port (repeatable).
+    #[arg(long)]
+    xmpp_addr: Vec<String>,
+    /// With --target and --protocol xmpp: the remote domain's certificate (PEM), presented for
+    /// SASL EXTERNAL (and by --xmpp-listen).
+    #[arg(long)]
+    xmpp_cert: Option<PathBuf>,
+    /// With --xmpp-cert: its key (PEM).
+    #[arg(long)]
+    xmpp_key: Option<PathBuf>,
+    /// With --target and --protocol xmpp: listen here as the remote domain for the stanza
+    /// errors the relay sends back (its [[xmpp.peers]] address must point here); without it,
+    /// refused stanzas show up as lost.
+    #[arg(long)]
+    xmpp_listen: Option<SocketAddr>,
     /// 1:1 scenarios: simulated users (pairs of them chat, so users/2 sessions; default 1000).
     #[arg(long)]
     users: Option<usize>,
@@ -263,6 +289,14 @@ impl RunArgs {
         let f: RunArgs = toml::from_str(&text)
             .with_context(|| format!("parsing scenario file {}", path.display()))?;
         self.protocol = self.protocol.or(f.protocol);
+        self.xmpp_connections = self.xmpp_connections.or(f.xmpp_connections);
+        self.xmpp_domain = self.xmpp_domain.or(f.xmpp_domain);
+        if self.xmpp_addr.is_empty() {
+            self.xmpp_addr = f.xmpp_addr;
+        }
+        self.xmpp_cert = self.xmpp_cert.or(f.xmpp_cert);
+        self.xmpp_key = self.xmpp_key.or(f.xmpp_key);
+        self.xmpp_listen = self.xmpp_listen.or(f.xmpp_listen);
         self.users = self.users.or(f.users);
         self.channels = self.channels.or(f.channels);
         self.members = self.members.or(f.members);
@@ -328,7 +362,36 @@ impl RunArgs {
     }
 
     fn deployment(&self, protocol: Protocol) -> Result<DeploymentSpec> {
+        let xmpp = protocol == Protocol::Xmpp;
+        if !xmpp
+            && (self.xmpp_connections.is_some()
+                || self.xmpp_domain.is_some()
+                || !self.xmpp_addr.is_empty()
+                || self.xmpp_cert.is_some()
+                || self.xmpp_key.is_some()
+                || self.xmpp_listen.is_some())
+        {
+            bail!("--xmpp-* options go with --protocol xmpp");
+        }
+        if xmpp && self.faults().any() {
+            bail!("fault injection is not supported with --protocol xmpp");
+        }
+        if self.xmpp_connections == Some(0) {
+            bail!("--xmpp-connections must be at least 1");
+        }
+        let xmpp_domain = self
+            .xmpp_domain
+            .clone()
+            .unwrap_or_else(|| XMPP_DOMAIN.to_owned());
+        let xmpp_connections = self.xmpp_connections.unwrap_or(4);
         if self.target.is_empty() {
+            if !self.xmpp_addr.is_empty()
+                || self.xmpp_cert.is_some()
+                || self.xmpp_key.is_some()
+                || self.xmpp_listen.is_some()
+            {
+                bail!("--xmpp-addr, --xmpp-cert, --xmpp-key and --xmpp-listen go with --target");
+            }
             if !self.grpc_target.is_empty()
                 || self.admin.is_some()
                 || self.tls_ca.is_some()
@@ -383,6 +446,10 @@ impl RunArgs {
                 nodes,
                 cluster,
                 node_env,
+                xmpp: xmpp.then(|| XmppEmbeddedSpec {
+                    domain: xmpp_domain.clone(),
+                    connections: xmpp_connections,
+                }),
             });
         }
         if self.store.is_some()
@@ -403,6 +470,28 @@ impl RunArgs {
         if protocol == Protocol::Grpc && self.grpc_target.is_empty() {
             bail!("--protocol grpc with --target needs --grpc-target http://NODE:7443");
         }
+        let xmpp = if xmpp {
+            let (Some(cert), Some(key)) = (&self.xmpp_cert, &self.xmpp_key) else {
+                bail!(
+                    "--protocol xmpp with --target needs --xmpp-cert and --xmpp-key (the \
+                     certificate of --xmpp-domain, for SASL EXTERNAL)"
+                );
+            };
+            if self.xmpp_addr.is_empty() {
+                bail!("--protocol xmpp with --target needs --xmpp-addr HOST:5269");
+            }
+            Some(Box::new(XmppTargetSpec {
+                addrs: self.xmpp_addr.clone(),
+                domain: xmpp_domain,
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: self.tls_ca.clone(),
+                listen: self.xmpp_listen,
+                connections: xmpp_connections,
+            }))
+        } else {
+            None
+        };
         let mut domains: Vec<DomainSpec> = match &self.config_file {
             Some(p) => domains_from_relay_config(p)?,
             None => Vec::new(),
@@ -436,6 +525,7 @@ impl RunArgs {
                 key: self.grpc_tls_key.clone(),
                 server_name: self.grpc_tls_server_name.clone(),
             },
+            xmpp,
         })
     }
 

@@ -31,6 +31,8 @@ pub struct Plan {
     pub schedule: Schedule,
     /// Unix time in ms of `t0`, for `sent_at`.
     pub start_unix_ms: u64,
+    /// The remote XMPP domain whose users send (`--protocol xmpp`).
+    pub remote_domain: Option<String>,
     /// Channel members or followers by address, with their domain index.
     audience: HashMap<String, usize>,
 }
@@ -95,6 +97,7 @@ impl Plan {
             workload,
             schedule,
             start_unix_ms,
+            remote_domain: None,
             audience: HashMap::new(),
         };
         plan.audience = plan
@@ -106,10 +109,45 @@ impl Plan {
         plan
     }
 
-    /// The address `u<local>@<domain>` of user `u`.
+    /// The address `u<local>@<domain>` of user `u` (a remote user's at the remote domain).
     pub fn address(&self, u: usize) -> String {
         let user = self.workload.users[u];
-        format!("{}@{}", user.local_part(), self.domains[user.domain].name)
+        let domain = match self.domains.get(user.domain) {
+            Some(d) => d.name.as_str(),
+            None => self.remote_domain.as_deref().unwrap_or("remote.invalid"),
+        };
+        format!("{}@{domain}", user.local_part())
+    }
+
+    /// Event `i` as an XMPP `<message type='chat'>` from its remote sender: the index of the
+    /// receiving domain (a stream carries stanzas to one domain) and the stanza. Its `id` is
+    /// the event id; its body carries the tag, as the HTTP edge's text does.
+    pub fn stanza(&self, i: u64) -> Result<(usize, String)> {
+        let ev = self.workload.event(i);
+        if !self.workload.is_remote(ev.sender) || ev.action != Action::Message {
+            bail!("event {i} is not a message from a remote user");
+        }
+        let &[to] = self.workload.recipients(&ev) else {
+            bail!("an XMPP message has one recipient");
+        };
+        let domain = self.workload.users[to].domain;
+        let stanza = format!(
+            "<message type='chat' from='{}' to='{}' id='{}'><body>{}</body></message>",
+            xml_escape(&self.address(ev.sender)),
+            xml_escape(&self.address(to)),
+            xml_escape(&self.event_id(i)),
+            xml_escape(&self.tag(i).to_text())
+        );
+        Ok((domain, stanza))
+    }
+
+    /// The event number of an event id of this run (`lt-<run>-<i>`).
+    pub fn global_of_event_id(&self, id: &str) -> Option<u64> {
+        id.strip_prefix("lt-")?
+            .strip_prefix(self.run_id.as_str())?
+            .strip_prefix('-')?
+            .parse()
+            .ok()
     }
 
     fn proto_address(&self, u: usize) -> Address {
@@ -368,6 +406,22 @@ impl Plan {
         }
         Ok((requests, answers))
     }
+}
+
+/// Escapes text for XML character data and quoted attribute values.
+pub fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// 32 random bytes as hex, from the kernel's random source.
@@ -687,6 +741,47 @@ mod tests {
             }
             Fan::One => anyhow::bail!("presence has followers"),
         }
+        Ok(())
+    }
+
+    #[test]
+    fn xmpp_stanzas_come_from_the_remote_domain() -> Result<()> {
+        let shape = Shape {
+            domains: 2,
+            users: 8,
+            ..Shape::default()
+        };
+        let mut p = Plan::new(
+            "abcd".into(),
+            (0..2)
+                .map(|i| DomainSpec {
+                    name: crate::scenario::domain_name(i),
+                    secret: format!("s{i}"),
+                })
+                .collect(),
+            ScenarioKind::OneToOne.workload_over(&shape, crate::scenario::Protocol::Xmpp)?,
+            Schedule::new(10.0, Duration::ZERO, Duration::from_secs(1))?,
+            0,
+        );
+        p.remote_domain = Some("xmpp.load".into());
+        let (d, s) = p.stanza(1)?;
+        // Sender 1 of 4 is remote user u1; its peer is the first user of domain 1.
+        assert_eq!(d, 1);
+        assert_eq!(
+            s,
+            format!(
+                "<message type='chat' from='u1@xmpp.load' to='u0@d1.loadtest.example' \
+                 id='lt-abcd-1'><body>{}</body></message>",
+                p.tag(1).to_text()
+            )
+        );
+        assert!(p.is_recipient(1, 1, "u0@d1.loadtest.example"));
+        assert_eq!(p.global_of_event_id("lt-abcd-7"), Some(7));
+        assert_eq!(p.global_of_event_id("lt-other-7"), None);
+        assert_eq!(p.global_of_event_id("lt-abcd-x"), None);
+        assert_eq!(xml_escape("a<b>&'\""), "a&lt;b&gt;&amp;&apos;&quot;");
+        // The HTTP-edge workload has no remote senders.
+        assert!(plan()?.stanza(0).is_err());
         Ok(())
     }
 

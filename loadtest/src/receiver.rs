@@ -75,6 +75,22 @@ impl Router {
         }
     }
 
+    /// The relay refused the event with id `id` (an XMPP stanza error): counted as a send
+    /// error `label` of the current run, if the id is one of its events.
+    pub fn refused(&self, id: &str, label: &str) {
+        match self.current() {
+            Some(s) => match s.plan.global_of_event_id(id) {
+                Some(g) if g < s.plan.schedule.total_messages() => s.on_refused(g, label),
+                _ => {
+                    self.stray.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            None => {
+                self.stray.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     pub fn deliver(&self, domain: usize, ev: &DeliveredEvent) {
         match self.current() {
             Some(s) => {

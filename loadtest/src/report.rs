@@ -44,6 +44,9 @@ pub struct RunConfig {
     /// How long a failed send was retried, s.
     #[serde(default)]
     pub retry_for_s: f64,
+    /// `--protocol xmpp`: the server-to-server streams the stanzas went over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xmpp_streams: Option<usize>,
 }
 
 /// Message counts of a run.

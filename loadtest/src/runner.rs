@@ -28,9 +28,11 @@ use crate::stats::{
     read_peak_rss_kb, read_rss_kb,
 };
 use crate::system::{
-    ClusterMode, DeliverySpec, EmbeddedOptions, EmbeddedSystem, StoreKind, admin_json, wait_ready,
+    ClusterMode, DeliverySpec, EmbeddedOptions, EmbeddedSystem, StoreKind, XmppEmbedded,
+    admin_json, wait_ready,
 };
 use crate::tls::{ClientTls, TlsFiles};
+use crate::xmpp::{XmppClient, XmppClientSpec, XmppSink, client_tls, server_tls};
 
 /// The workload knobs of one run.
 #[derive(Debug, Clone)]
@@ -67,6 +69,32 @@ impl Faults {
     }
 }
 
+/// `--protocol xmpp` on the embedded system: the remote domain the harness plays, and how
+/// many streams it opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XmppEmbeddedSpec {
+    pub domain: String,
+    /// Streams in all, rounded up to a multiple of the receiving domains.
+    pub connections: usize,
+}
+
+/// `--protocol xmpp` against an existing deployment: its XMPP listeners, the remote domain
+/// the harness plays there (an XMPP peer with SASL EXTERNAL) and that domain's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XmppTargetSpec {
+    /// `host:port` of each node's XMPP listener (`--xmpp-addr`).
+    pub addrs: Vec<String>,
+    pub domain: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA for the relay's certificate (`--tls-ca`; the system's roots otherwise).
+    pub ca: Option<PathBuf>,
+    /// Where the remote domain's listener accepts the relay's refusals (`--xmpp-listen`; the
+    /// deployment's `[[xmpp.peers]] address` must point there).
+    pub listen: Option<SocketAddr>,
+    pub connections: usize,
+}
+
 /// Where the system under test comes from.
 #[derive(Debug, Clone)]
 pub enum DeploymentSpec {
@@ -81,6 +109,8 @@ pub enum DeploymentSpec {
         /// Serve the cluster gRPC listener (for `--protocol grpc`), and run etcd membership.
         cluster: ClusterMode,
         node_env: Vec<(String, String)>,
+        /// Serve the XMPP edge and drive it (`--protocol xmpp`).
+        xmpp: Option<XmppEmbeddedSpec>,
     },
     /// An existing deployment.
     Target {
@@ -94,14 +124,20 @@ pub enum DeploymentSpec {
         webhook_listen: Option<SocketAddr>,
         /// CA, client certificate and server name for `https://` targets.
         tls: TlsFiles,
+        /// Its XMPP edge (`--protocol xmpp`).
+        xmpp: Option<Box<XmppTargetSpec>>,
     },
 }
 
 /// A system under test with its receivers, alive for one or more runs.
 #[derive(Debug)]
 pub struct Deployment {
-    // Field order matters: receivers stop before the system is killed.
+    // Field order matters: receivers and XMPP streams stop before the system is killed.
     receivers: Receivers,
+    /// The XMPP streams (`--protocol xmpp`).
+    pub xmpp: Option<Arc<XmppClient>>,
+    /// The remote XMPP domain's listener for the relay's refusals.
+    xmpp_sink: Option<XmppSink>,
     system: Option<EmbeddedSystem>,
     pub targets: Arc<Targets>,
     pub admin: Option<String>,
@@ -129,6 +165,7 @@ impl Deployment {
                 nodes,
                 cluster,
                 node_env,
+                xmpp,
             } => {
                 if domains < 2 {
                     bail!("--domains must be at least 2");
@@ -155,6 +192,20 @@ impl Deployment {
                         )
                     }
                 };
+                // The remote domain's listener is bound first: the nodes' configs name it.
+                let sink_listener = match &xmpp {
+                    Some(_) => Some(
+                        tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                            .await
+                            .context("binding the XMPP listener of the remote domain")?,
+                    ),
+                    None => None,
+                };
+                let sink = sink_listener
+                    .as_ref()
+                    .map(|l| l.local_addr())
+                    .transpose()
+                    .context("the XMPP listener's address")?;
                 let system = EmbeddedSystem::start(EmbeddedOptions {
                     store,
                     relay_bin,
@@ -167,6 +218,10 @@ impl Deployment {
                     delivery,
                     log_dir,
                     ready_timeout,
+                    xmpp: xmpp.as_ref().map(|x| XmppEmbedded {
+                        domain: x.domain.clone(),
+                        sink,
+                    }),
                 })
                 .await?;
                 let http = system.http_targets();
@@ -177,8 +232,29 @@ impl Deployment {
                     None => Receivers::streams(&http[0], &domains, &tls)?,
                 };
                 receivers.wait_connected(ready_timeout).await?;
+                let (xmpp_client, xmpp_sink) = match (&xmpp, system.xmpp_certs(), sink_listener) {
+                    (Some(x), Some(certs), Some(listener)) => {
+                        let sink = XmppSink::serve(
+                            listener,
+                            x.domain.clone(),
+                            server_tls(&certs.peer_cert, &certs.peer_key)?,
+                            receivers.router.clone(),
+                        )?;
+                        let client = XmppClient::new(XmppClientSpec {
+                            domain: x.domain.clone(),
+                            addrs: system.xmpp_targets(),
+                            targets: domains.iter().map(|d| d.name.clone()).collect(),
+                            connections: x.connections,
+                            tls: client_tls(Some(&certs.ca), &certs.peer_cert, &certs.peer_key)?,
+                        })?;
+                        (Some(Arc::new(client)), Some(sink))
+                    }
+                    _ => (None, None),
+                };
                 Ok(Self {
                     receivers,
+                    xmpp: xmpp_client,
+                    xmpp_sink,
                     targets: Targets::new(http, system.grpc_targets()),
                     admin: Some(format!("http://{}", system.admin)),
                     system: Some(system),
@@ -195,6 +271,7 @@ impl Deployment {
                 domains,
                 webhook_listen,
                 tls,
+                xmpp,
             } => {
                 let tls = ClientTls::load(&tls)?;
                 if domains.len() < 2 {
@@ -222,8 +299,37 @@ impl Deployment {
                     }
                 };
                 receivers.wait_connected(ready_timeout).await?;
+                let (xmpp_client, xmpp_sink) = match xmpp {
+                    Some(x) => {
+                        let sink = match x.listen {
+                            Some(listen) => {
+                                let l = tokio::net::TcpListener::bind(listen).await.with_context(
+                                    || format!("binding the XMPP listener on {listen}"),
+                                )?;
+                                Some(XmppSink::serve(
+                                    l,
+                                    x.domain.clone(),
+                                    server_tls(&x.cert, &x.key)?,
+                                    receivers.router.clone(),
+                                )?)
+                            }
+                            None => None,
+                        };
+                        let client = XmppClient::new(XmppClientSpec {
+                            domain: x.domain.clone(),
+                            addrs: x.addrs.clone(),
+                            targets: domains.iter().map(|d| d.name.clone()).collect(),
+                            connections: x.connections,
+                            tls: client_tls(x.ca.as_deref(), &x.cert, &x.key)?,
+                        })?;
+                        (Some(Arc::new(client)), sink)
+                    }
+                    None => (None, None),
+                };
                 Ok(Self {
                     receivers,
+                    xmpp: xmpp_client,
+                    xmpp_sink,
                     system: None,
                     targets: Targets::new(targets, grpc_targets),
                     admin,
@@ -242,6 +348,13 @@ impl Deployment {
             Some(s) => s.check_alive(),
             None => Ok(()),
         }
+    }
+
+    /// Stanza errors the relay sent back to the remote XMPP domain's listener so far.
+    pub fn xmpp_refusals(&self) -> u64 {
+        self.xmpp_sink.as_ref().map_or(0, |s| {
+            s.counters.errors.load(std::sync::atomic::Ordering::Relaxed)
+        })
     }
 
     fn relay_pids(&self) -> Vec<u32> {
@@ -485,7 +598,7 @@ pub async fn run_once(dep: &mut Deployment, opts: &RunOptions) -> Result<RunResu
         domains: dep.domains.len(),
         ..opts.shape
     };
-    let workload = opts.scenario.workload(&shape)?;
+    let workload = opts.scenario.workload_over(&shape, opts.protocol)?;
     let mut warnings = Vec::new();
     let mut max_inflight = opts.max_inflight.max(1);
     if let Some(limit) = nofile_soft_limit() {
@@ -502,8 +615,17 @@ pub async fn run_once(dep: &mut Deployment, opts: &RunOptions) -> Result<RunResu
         }
     }
     let mut plan = Plan::new(random_hex(6)?, dep.domains.clone(), workload, schedule, 0);
+    plan.remote_domain = dep.xmpp.as_ref().map(|x| x.domain().to_owned());
     let setup_start = Instant::now();
     set_up(dep, &plan, opts).await?;
+    if opts.protocol == Protocol::Xmpp {
+        let Some(x) = &dep.xmpp else {
+            bail!("--protocol xmpp needs the XMPP edge (embedded, or --xmpp-addr with --target)");
+        };
+        // Every stream is up before the clock starts (again after one ended).
+        x.connect_all().await.context("opening the XMPP streams")?;
+        x.take_errors();
+    }
     let setup_s = setup_start.elapsed().as_secs_f64();
 
     // Start a little in the future so the setup below is not counted as lag.
@@ -553,6 +675,7 @@ pub async fn run_once(dep: &mut Deployment, opts: &RunOptions) -> Result<RunResu
         request_timeout: opts.request_timeout,
         retry_for: opts.retry_for,
         tls: dep.tls.clone(),
+        xmpp: dep.xmpp.clone(),
     };
     let ready_timeout = opts.drain_timeout.max(Duration::from_secs(30));
     let (driven, faulted) = tokio::join!(
@@ -603,6 +726,24 @@ pub async fn run_once(dep: &mut Deployment, opts: &RunOptions) -> Result<RunResu
              accepted within --request-timeout",
             snap.contract.skipped
         ));
+    }
+    if let Some(x) = &dep.xmpp {
+        let ended = x.take_errors();
+        if !ended.is_empty() {
+            warnings.push(format!(
+                "{} XMPP stream(s) ended during the run: {}",
+                ended.len(),
+                ended.iter().take(5).cloned().collect::<Vec<_>>().join("; ")
+            ));
+        }
+    }
+    if let Some(s) = &dep.xmpp_sink {
+        let refused = s.counters.errors.load(std::sync::atomic::Ordering::Relaxed);
+        if refused > 0 {
+            warnings.push(format!(
+                "the relay answered {refused} stanza(s) with errors so far (counted as send errors)"
+            ));
+        }
     }
     let cluster = match &dep.admin {
         Some(admin) => admin_json(&format!("{admin}/cluster")).await.ok(),
@@ -666,6 +807,13 @@ pub async fn run_once(dep: &mut Deployment, opts: &RunOptions) -> Result<RunResu
             nodes: match opts.protocol {
                 Protocol::Http => nodes_at_start.max(dep.targets.http().len()),
                 Protocol::Grpc => nodes_at_start.max(dep.targets.grpc().len()),
+                Protocol::Xmpp => {
+                    nodes_at_start.max(dep.xmpp.as_ref().map_or(0, |x| x.addrs().len()))
+                }
+            },
+            xmpp_streams: match opts.protocol {
+                Protocol::Xmpp => dep.xmpp.as_ref().map(|x| x.streams()),
+                _ => None,
             },
             recipients_per_event,
             retry_for_s: opts.retry_for.as_secs_f64(),

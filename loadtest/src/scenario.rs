@@ -42,8 +42,20 @@ impl ScenarioKind {
         }
     }
 
-    /// Builds the users and who talks to whom.
+    /// Builds the users and who talks to whom, for the HTTP edge or gRPC.
     pub fn workload(self, shape: &Shape) -> Result<Workload> {
+        self.workload_over(shape, Protocol::Http)
+    }
+
+    /// Builds the users and who talks to whom when sending over `protocol`: over XMPP the
+    /// senders are users of the remote XMPP domain (one-to-one only).
+    pub fn workload_over(self, shape: &Shape, protocol: Protocol) -> Result<Workload> {
+        if protocol == Protocol::Xmpp {
+            return match self {
+                ScenarioKind::OneToOne => Workload::inbound_pairs(shape.users, shape.domains),
+                other => bail!("{other} does not run over xmpp (one-to-one does)"),
+            };
+        }
         match self {
             ScenarioKind::OneToOne => Workload::pairs(shape.users, shape.domains, false),
             ScenarioKind::Mixed | ScenarioKind::Soak => {
@@ -61,9 +73,8 @@ impl ScenarioKind {
     /// The protocols the scenario can be driven over.
     pub fn protocols(self) -> &'static [Protocol] {
         match self {
-            ScenarioKind::OneToOne | ScenarioKind::Mixed | ScenarioKind::Soak => {
-                &[Protocol::Http, Protocol::Grpc]
-            }
+            ScenarioKind::OneToOne => &[Protocol::Http, Protocol::Grpc, Protocol::Xmpp],
+            ScenarioKind::Mixed | ScenarioKind::Soak => &[Protocol::Http, Protocol::Grpc],
             // A channel post is one envelope with many recipients: edges make those, so the
             // harness plays the edge and delivers it over gRPC.
             ScenarioKind::FanOut => &[Protocol::Grpc],
@@ -95,6 +106,9 @@ pub enum Protocol {
     /// Envelopes straight into `SessionService.Deliver` on a node's cluster gRPC listener, as
     /// an edge does.
     Grpc,
+    /// `<message type='chat'>` stanzas from users of a remote XMPP domain, over
+    /// server-to-server streams into the nodes' XMPP edge (one-to-one only).
+    Xmpp,
 }
 
 impl Protocol {
@@ -102,9 +116,13 @@ impl Protocol {
         match self {
             Protocol::Http => "http",
             Protocol::Grpc => "grpc",
+            Protocol::Xmpp => "xmpp",
         }
     }
 }
+
+/// The remote XMPP domain the harness plays by default.
+pub const XMPP_DOMAIN: &str = "xmpp.load";
 
 /// The sizes a workload is built from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,6 +305,42 @@ impl Workload {
             Vec::new(),
             Pattern::Pairs { peer, mixed },
         ))
+    }
+
+    /// Inbound 1:1 from a remote domain: `users / 2` sessions; session `k` is between a user of
+    /// the remote domain (domain index `domains`, one past the harness's own domains), who
+    /// sends, and a user of domain `k % domains`, who receives. Every sender takes its turn
+    /// once per round.
+    pub fn inbound_pairs(users: usize, domains: usize) -> Result<Self> {
+        if domains == 0 {
+            bail!("inbound 1:1 needs at least one receiving domain");
+        }
+        if users < 2 {
+            bail!("1:1 scenarios need at least 2 users (got {users})");
+        }
+        let sessions = users / 2;
+        let mut locals = Locals(vec![0; domains + 1]);
+        let mut out = Vec::with_capacity(sessions * 2);
+        let mut peer = Vec::with_capacity(sessions * 2);
+        for k in 0..sessions {
+            out.push(locals.take(domains));
+            out.push(locals.take(k % domains));
+            peer.push(2 * k + 1);
+            peer.push(2 * k);
+        }
+        let send_order: Vec<usize> = (0..sessions).map(|k| 2 * k).collect();
+        Ok(Self::new(
+            domains,
+            out,
+            send_order,
+            Vec::new(),
+            Pattern::Pairs { peer, mixed: false },
+        ))
+    }
+
+    /// Whether user `u` belongs to the remote (XMPP) domain rather than one the harness plays.
+    pub fn is_remote(&self, u: usize) -> bool {
+        self.users.get(u).is_some_and(|x| x.domain >= self.domains)
     }
 
     /// Fan-out: `channels` senders in the first domain, and `members` users spread over all
@@ -697,6 +751,48 @@ mod tests {
     }
 
     #[test]
+    fn inbound_pairs_send_from_the_remote_domain() -> Result<()> {
+        let w = ScenarioKind::OneToOne.workload_over(
+            &Shape {
+                domains: 3,
+                users: 12,
+                ..Shape::default()
+            },
+            Protocol::Xmpp,
+        )?;
+        assert_eq!(w.users.len(), 12);
+        assert_eq!(w.sessions(), 6);
+        assert_eq!(w.send_order.len(), 6, "only the remote users send");
+        let mut per = [0usize; 3];
+        for i in 0..60 {
+            let e = w.event(i);
+            assert!(w.is_remote(e.sender));
+            let &[r] = w.recipients(&e) else {
+                bail!("one recipient");
+            };
+            assert!(!w.is_remote(r));
+            per[w.users[r].domain] += 1;
+            assert_eq!(w.global_of(e.sender, e.n), i);
+        }
+        assert_eq!(per, [20, 20, 20], "receivers spread over the domains");
+        let remote: BTreeSet<_> = w
+            .users
+            .iter()
+            .filter(|u| u.domain == 3)
+            .map(|u| u.local)
+            .collect();
+        assert_eq!(remote.len(), 6, "distinct remote senders");
+        assert!(
+            ScenarioKind::Mixed
+                .workload_over(&Shape::default(), Protocol::Xmpp)
+                .is_err()
+        );
+        assert!(Workload::inbound_pairs(1, 2).is_err());
+        assert!(Workload::inbound_pairs(4, 0).is_err());
+        Ok(())
+    }
+
+    #[test]
     fn events_round_robin_over_senders() -> Result<()> {
         let w = Workload::pairs(6, 2, false)?;
         let senders: Vec<usize> = (0..6).map(|i| w.event(i).sender).collect();
@@ -803,5 +899,8 @@ mod tests {
         assert_eq!(ScenarioKind::PresenceStorm.to_string(), "presence-storm");
         assert_eq!(ScenarioKind::FanOut.protocols(), &[Protocol::Grpc]);
         assert_eq!(ScenarioKind::Mixed.default_protocol(), Protocol::Http);
+        assert!(ScenarioKind::OneToOne.protocols().contains(&Protocol::Xmpp));
+        assert!(!ScenarioKind::Mixed.protocols().contains(&Protocol::Xmpp));
+        assert_eq!(Protocol::Xmpp.name(), "xmpp");
     }
 }

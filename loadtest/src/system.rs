@@ -85,6 +85,21 @@ impl ClusterSection {
     }
 }
 
+/// The `[xmpp]` section of a generated config: the node's XMPP listener, its TLS material,
+/// and one remote domain the harness plays, federated with every HTTP domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XmppSection {
+    pub listen: SocketAddr,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub tls_ca: PathBuf,
+    /// The remote XMPP domain (a `[[domains]]` entry with `platform = "xmpp"`, and a peer
+    /// that must authenticate with SASL EXTERNAL).
+    pub peer_domain: String,
+    /// Where the relay reaches that domain (the harness's listener for its answers).
+    pub peer_address: Option<SocketAddr>,
+}
+
 /// The inputs of the generated relay config.
 #[derive(Debug, Clone)]
 pub struct RelayConfigSpec {
@@ -96,6 +111,8 @@ pub struct RelayConfigSpec {
     pub domains: Vec<DomainSpec>,
     pub delivery: DeliverySpec,
     pub cluster: ClusterSection,
+    /// The XMPP edge, for `--protocol xmpp`.
+    pub xmpp: Option<XmppSection>,
 }
 
 fn q(s: &str) -> String {
@@ -103,7 +120,8 @@ fn q(s: &str) -> String {
 }
 
 /// Renders the relay config: exactly the keys the relay knows (it rejects unknown ones), and a
-/// federation rule between every pair of domains.
+/// federation rule between every pair of domains (and between each of them and the remote
+/// XMPP domain, with an `[xmpp]` section).
 pub fn render_relay_config(spec: &RelayConfigSpec) -> String {
     let mut s = String::new();
     s.push_str(&format!("node_id = {}\n\n", q(&spec.node_id)));
@@ -148,6 +166,28 @@ pub fn render_relay_config(spec: &RelayConfigSpec) -> String {
             ));
         }
     }
+    if let Some(x) = &spec.xmpp {
+        let path = |p: &Path| q(&p.to_string_lossy());
+        s.push_str(&format!(
+            "[xmpp]\nlisten = {}\ntls_cert = {}\ntls_key = {}\ntls_ca = {}\n\n",
+            q(&x.listen.to_string()),
+            path(&x.tls_cert),
+            path(&x.tls_key),
+            path(&x.tls_ca)
+        ));
+        s.push_str(&format!(
+            "[[xmpp.peers]]\ndomain = {}\nauth = \"external\"\n",
+            q(&x.peer_domain)
+        ));
+        if let Some(a) = x.peer_address {
+            s.push_str(&format!("address = {}\n", q(&a.to_string())));
+        }
+        s.push('\n');
+        s.push_str(&format!(
+            "[[domains]]\nname = {}\nplatform = \"xmpp\"\n\n",
+            q(&x.peer_domain)
+        ));
+    }
     for d in &spec.domains {
         s.push_str(&format!(
             "[[domains]]\nname = {}\nplatform = \"http\"\nsecret = {}\n",
@@ -171,7 +211,77 @@ pub fn render_relay_config(spec: &RelayConfigSpec) -> String {
             ));
         }
     }
+    if let Some(x) = &spec.xmpp {
+        for d in &spec.domains {
+            s.push_str(&format!(
+                "[[federation]]\nbetween = [{}, {}]\n\n",
+                q(&d.name),
+                q(&x.peer_domain)
+            ));
+        }
+    }
     s
+}
+
+/// The TLS material of the XMPP edge and of the remote domain the harness plays, issued by a
+/// CA of the run's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XmppCerts {
+    pub ca: PathBuf,
+    /// The relay's certificate: a DNS name for every HTTP domain (XMPP peers reach those).
+    pub relay_cert: PathBuf,
+    pub relay_key: PathBuf,
+    /// The remote domain's certificate (the client certificate for SASL EXTERNAL, and its
+    /// listener's).
+    pub peer_cert: PathBuf,
+    pub peer_key: PathBuf,
+}
+
+/// Issues a CA (`xmpp-ca.pem`), the relay's certificate for `relay_names`
+/// (`xmpp-relay.pem`/`.key`) and the remote domain's for `peer_domain` (`xmpp-peer.pem`/`.key`)
+/// in `dir`, with `rcgen`.
+pub fn issue_xmpp_certs(
+    dir: &Path,
+    relay_names: &[String],
+    peer_domain: &str,
+) -> Result<XmppCerts> {
+    let ca_key = rcgen::KeyPair::generate().context("generating the CA key")?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "relay-loadtest XMPP CA");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let certs = XmppCerts {
+        ca: dir.join("xmpp-ca.pem"),
+        relay_cert: dir.join("xmpp-relay.pem"),
+        relay_key: dir.join("xmpp-relay.key"),
+        peer_cert: dir.join("xmpp-peer.pem"),
+        peer_key: dir.join("xmpp-peer.key"),
+    };
+    let write = |p: &Path, text: String| {
+        std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))
+    };
+    write(&certs.ca, ca_cert.pem())?;
+    let peer = [peer_domain.to_owned()];
+    for (names, cert, key) in [
+        (relay_names, &certs.relay_cert, &certs.relay_key),
+        (&peer[..], &certs.peer_cert, &certs.peer_key),
+    ] {
+        let leaf_key = rcgen::KeyPair::generate().context("generating a key")?;
+        let mut params = rcgen::CertificateParams::new(names.to_vec())
+            .with_context(|| format!("certificate names {names:?}"))?;
+        if let Some(first) = names.first() {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, first.as_str());
+        }
+        let leaf = params.signed_by(&leaf_key, &issuer)?;
+        write(cert, leaf.pem())?;
+        write(key, leaf_key.serialize_pem())?;
+    }
+    Ok(certs)
 }
 
 /// `n` distinct free ports on 127.0.0.1 (held open together while choosing, then released;
@@ -353,6 +463,17 @@ pub struct EmbeddedOptions {
     /// override). `FEDRELAY_*` variables of the harness's own environment are not passed on:
     /// the generated config and these are what the nodes run with.
     pub node_env: Vec<(String, String)>,
+    /// Serve the XMPP edge to a remote domain the harness plays (`--protocol xmpp`).
+    pub xmpp: Option<XmppEmbedded>,
+}
+
+/// The XMPP side of the embedded system.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XmppEmbedded {
+    /// The remote XMPP domain (`xmpp.load`).
+    pub domain: String,
+    /// The harness's listener for that domain, where the relay sends what it refuses.
+    pub sink: Option<SocketAddr>,
 }
 
 impl Default for EmbeddedOptions {
@@ -371,6 +492,7 @@ impl Default for EmbeddedOptions {
             cluster: ClusterMode::None,
             etcd_bin: None,
             node_env: Vec::new(),
+            xmpp: None,
         }
     }
 }
@@ -410,6 +532,8 @@ pub struct Node {
     pub admin: SocketAddr,
     /// The cluster gRPC listener, when the node serves one.
     pub grpc: Option<SocketAddr>,
+    /// The XMPP s2s listener, when the node serves one.
+    pub xmpp: Option<SocketAddr>,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
     /// The process; `None` once killed on purpose ([`EmbeddedSystem::kill_node`]).
@@ -469,15 +593,18 @@ struct NodeTemplate {
     etcd_endpoint: Option<String>,
     log_dir: PathBuf,
     node_env: Vec<(String, String)>,
+    /// The XMPP edge: the certificates, the remote domain and the harness's listener for it.
+    xmpp: Option<(XmppCerts, XmppEmbedded)>,
 }
 
-/// Ports a node takes: HTTP, admin, gRPC.
-const PORTS_PER_NODE: usize = 3;
+/// Ports a node takes: HTTP, admin, gRPC, XMPP.
+const PORTS_PER_NODE: usize = 4;
 
 impl NodeTemplate {
-    /// Writes node `i`'s config and starts it on `ports` (HTTP, admin, gRPC); does not wait.
+    /// Writes node `i`'s config and starts it on `ports` (HTTP, admin, gRPC, XMPP); does not
+    /// wait.
     fn spawn(&self, i: usize, ports: &[u16]) -> Result<Node> {
-        let &[http_port, admin_port, grpc_port] = ports else {
+        let &[http_port, admin_port, grpc_port, xmpp_port] = ports else {
             bail!("a node needs {PORTS_PER_NODE} ports, got {}", ports.len());
         };
         let id = format!("n{}", i + 1);
@@ -502,6 +629,14 @@ impl NodeTemplate {
             domains: self.domains.clone(),
             delivery: self.delivery.clone(),
             cluster,
+            xmpp: self.xmpp.as_ref().map(|(certs, x)| XmppSection {
+                listen: local(xmpp_port),
+                tls_cert: certs.relay_cert.clone(),
+                tls_key: certs.relay_key.clone(),
+                tls_ca: certs.ca.clone(),
+                peer_domain: x.domain.clone(),
+                peer_address: x.sink,
+            }),
         };
         let text = render_relay_config(&spec);
         let config_path = self.log_dir.join(format!("relay-config-{id}.toml"));
@@ -529,6 +664,7 @@ impl NodeTemplate {
             http: spec.http_listen,
             admin: spec.admin_listen,
             grpc: spec.cluster.grpc_listen(),
+            xmpp: spec.xmpp.as_ref().map(|x| x.listen),
             config_path,
             log_path,
             pid: child.pid(),
@@ -633,6 +769,13 @@ impl EmbeddedSystem {
             etcd_endpoint: etcd.as_ref().map(|e| e.endpoint.clone()),
             log_dir: opts.log_dir.clone(),
             node_env: opts.node_env.clone(),
+            xmpp: match &opts.xmpp {
+                Some(x) => {
+                    let names: Vec<String> = opts.domains.iter().map(|d| d.name.clone()).collect();
+                    Some((issue_xmpp_certs(tmp.path(), &names, &x.domain)?, x.clone()))
+                }
+                None => None,
+            },
         };
 
         let ports = free_ports(PORTS_PER_NODE * opts.nodes)?;
@@ -702,6 +845,18 @@ impl EmbeddedSystem {
     /// `http://<addr>` of the cluster gRPC listener of every node alive that serves one.
     pub fn grpc_targets(&self) -> Vec<String> {
         self.alive().filter_map(Node::grpc_url).collect()
+    }
+
+    /// `host:port` of the XMPP listener of every node alive that serves one.
+    pub fn xmpp_targets(&self) -> Vec<String> {
+        self.alive()
+            .filter_map(|n| n.xmpp.map(|a| a.to_string()))
+            .collect()
+    }
+
+    /// The XMPP edge's certificates (in the system's temporary directory), when it has one.
+    pub fn xmpp_certs(&self) -> Option<&XmppCerts> {
+        self.template.xmpp.as_ref().map(|(c, _)| c)
     }
 
     /// Node 1's pid (the pid it had, if it was killed).
@@ -1083,6 +1238,7 @@ mod tests {
                 .collect(),
             delivery,
             cluster: ClusterSection::None,
+            xmpp: None,
         }
     }
 
@@ -1134,6 +1290,77 @@ mod tests {
             .ok_or_else(|| anyhow!("federation"))?;
         assert_eq!(fed.len(), 3, "every pair of 3 domains");
         assert_eq!(fed[0]["between"].as_array().map(|a| a.len()), Some(2));
+        Ok(())
+    }
+
+    #[test]
+    fn xmpp_section_peers_and_federation() -> Result<()> {
+        let mut s = spec(DeliverySpec::Stream, true);
+        s.xmpp = Some(XmppSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 1006)),
+            tls_cert: PathBuf::from("/t/relay.pem"),
+            tls_key: PathBuf::from("/t/relay.key"),
+            tls_ca: PathBuf::from("/t/ca.pem"),
+            peer_domain: "xmpp.load".into(),
+            peer_address: Some(SocketAddr::from(([127, 0, 0, 1], 1007))),
+        });
+        let t: toml::Table = toml::from_str(&render_relay_config(&s))?;
+        let x = t["xmpp"].as_table().ok_or_else(|| anyhow!("xmpp"))?;
+        assert_eq!(
+            keys(x),
+            vec!["listen", "peers", "tls_ca", "tls_cert", "tls_key"]
+        );
+        assert_eq!(x["listen"].as_str(), Some("127.0.0.1:1006"));
+        assert_eq!(x["tls_ca"].as_str(), Some("/t/ca.pem"));
+        let peer = x["peers"][0].as_table().ok_or_else(|| anyhow!("peer"))?;
+        assert_eq!(keys(peer), vec!["address", "auth", "domain"]);
+        assert_eq!(peer["domain"].as_str(), Some("xmpp.load"));
+        assert_eq!(peer["auth"].as_str(), Some("external"));
+        assert_eq!(peer["address"].as_str(), Some("127.0.0.1:1007"));
+        let domains = t["domains"].as_array().ok_or_else(|| anyhow!("domains"))?;
+        assert_eq!(domains.len(), 4);
+        let xd = domains[0].as_table().ok_or_else(|| anyhow!("domain"))?;
+        assert_eq!(keys(xd), vec!["name", "platform"]);
+        assert_eq!(xd["platform"].as_str(), Some("xmpp"));
+        let fed = t["federation"]
+            .as_array()
+            .ok_or_else(|| anyhow!("federation"))?;
+        assert_eq!(
+            fed.len(),
+            3 + 3,
+            "every pair of 3 domains, and each with xmpp.load"
+        );
+        assert_eq!(
+            fed[5]["between"].as_array().and_then(|a| a[1].as_str()),
+            Some("xmpp.load")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn xmpp_certificates_name_the_domains() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let names = vec![
+            "d0.loadtest.example".to_owned(),
+            "d1.loadtest.example".to_owned(),
+        ];
+        let c = issue_xmpp_certs(dir.path(), &names, "xmpp.load")?;
+        for p in [
+            &c.ca,
+            &c.relay_cert,
+            &c.relay_key,
+            &c.peer_cert,
+            &c.peer_key,
+        ] {
+            assert!(
+                std::fs::read_to_string(p)?.starts_with("-----BEGIN"),
+                "{}",
+                p.display()
+            );
+        }
+        // Both serve as TLS identities.
+        crate::xmpp::server_tls(&c.relay_cert, &c.relay_key)?;
+        crate::xmpp::client_tls(Some(&c.ca), &c.peer_cert, &c.peer_key)?;
         Ok(())
     }
 

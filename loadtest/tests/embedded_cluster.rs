@@ -51,6 +51,7 @@ fn options(
         cluster,
         etcd_bin: None,
         node_env: vec![("FEDRELAY_RUNTIME__WORKER_THREADS".into(), "1".into())],
+        xmpp: None,
     })
 }
 

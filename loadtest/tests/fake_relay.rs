@@ -380,6 +380,7 @@ async fn run_against(
         domains: domains(3),
         webhook_listen,
         tls: Default::default(),
+        xmpp: None,
     };
     let r = run_and_report(
         spec,

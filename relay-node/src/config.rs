@@ -53,6 +53,9 @@ pub struct Config {
     /// The Teams edge (the bot); needed when a domain has `platform = "teams"`.
     #[serde(default)]
     pub teams: Option<TeamsConfig>,
+    /// The XMPP server-to-server edge; needed when a domain has `platform = "xmpp"`.
+    #[serde(default)]
+    pub xmpp: Option<XmppConfig>,
     #[serde(default)]
     pub domains: Vec<DomainConfig>,
     #[serde(default)]
@@ -269,6 +272,8 @@ pub struct RuntimeConfig {
 pub enum Platform {
     Http,
     Teams,
+    /// A remote XMPP server's domain, reached over server-to-server federation.
+    Xmpp,
 }
 
 impl Platform {
@@ -276,6 +281,7 @@ impl Platform {
         match self {
             Platform::Http => "http",
             Platform::Teams => "teams",
+            Platform::Xmpp => "xmpp",
         }
     }
 
@@ -284,6 +290,7 @@ impl Platform {
         match self {
             Platform::Http => "HTTP",
             Platform::Teams => "Teams",
+            Platform::Xmpp => "XMPP",
         }
     }
 }
@@ -316,6 +323,179 @@ pub struct DomainConfig {
 
 fn default_delivery() -> Delivery {
     Delivery::Stream
+}
+
+/// How a remote XMPP server must prove its domain on server-to-server streams.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum XmppAuth {
+    /// A certificate valid for the domain (SASL EXTERNAL, XEP-0178) or, failing that,
+    /// Server Dialback (XEP-0220).
+    #[default]
+    Any,
+    /// Only a certificate valid for the domain.
+    External,
+    /// Server Dialback, even when the certificate would do.
+    Dialback,
+}
+
+/// One remote XMPP domain's peering: where to connect instead of DNS, how it authenticates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XmppPeer {
+    pub domain: String,
+    /// `host:port` to connect to, instead of the `_xmpp-server._tcp` SRV lookup.
+    pub address: Option<String>,
+    #[serde(default)]
+    pub auth: XmppAuth,
+}
+
+/// The XMPP edge: server-to-server federation (RFC 6120/6121) for the relay's domains.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XmppConfig {
+    /// Where remote servers connect (5269 is the standard port).
+    #[serde(default = "default_xmpp_listen")]
+    pub listen: SocketAddr,
+    /// The certificate (chain, PEM) presented for the relay's domains: its SANs must cover
+    /// every domain XMPP peers reach here, and it is also the client certificate used for
+    /// SASL EXTERNAL on outgoing streams.
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    /// CA certificates (PEM) trusted for peers' certificates; the system's roots if unset.
+    pub tls_ca: Option<PathBuf>,
+    /// STARTTLS required on every stream (RFC 7590). Only tests of the refusal turn it off.
+    #[serde(default = "default_true")]
+    pub require_tls: bool,
+    /// How peers not listed in `peers` authenticate.
+    #[serde(default)]
+    pub default_auth: XmppAuth,
+    #[serde(default)]
+    pub peers: Vec<XmppPeer>,
+    /// The secret behind dialback keys (XEP-0185); every node of a cluster needs the same.
+    /// A random one per process is used when unset, which suits a single node only.
+    pub dialback_secret: Option<String>,
+    pub dialback_secret_file: Option<PathBuf>,
+    /// The largest stanza accepted, in bytes (Prosody's s2s default).
+    #[serde(default = "default_xmpp_stanza")]
+    pub max_stanza_bytes: usize,
+    /// The deepest element nesting accepted inside a stanza.
+    #[serde(default = "default_xmpp_depth")]
+    pub max_depth: usize,
+    /// Time for a new stream to become authenticated.
+    #[serde(default = "default_xmpp_handshake")]
+    pub handshake_timeout_secs: u64,
+    /// An incoming stream that sends nothing (not even a keepalive) this long is closed.
+    #[serde(default = "default_xmpp_idle")]
+    pub idle_timeout_secs: u64,
+    /// Connecting to a peer, TLS included.
+    #[serde(default = "default_xmpp_connect")]
+    pub connect_timeout_secs: u64,
+    /// How long a stanza sent on an outgoing stream may wait for the peer's acknowledgement
+    /// (XEP-0198) before the delivery is retried.
+    #[serde(default = "default_xmpp_ack")]
+    pub ack_timeout_secs: u64,
+    /// A DNS server (`ip:port`) for SRV lookups instead of the system's.
+    pub dns_server: Option<SocketAddr>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_xmpp_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 5269))
+}
+fn default_xmpp_stanza() -> usize {
+    524_288
+}
+fn default_xmpp_depth() -> usize {
+    32
+}
+fn default_xmpp_handshake() -> u64 {
+    30
+}
+fn default_xmpp_idle() -> u64 {
+    600
+}
+fn default_xmpp_connect() -> u64 {
+    10
+}
+fn default_xmpp_ack() -> u64 {
+    30
+}
+
+impl XmppConfig {
+    /// How `domain` must authenticate.
+    pub fn auth_for(&self, domain: &str) -> XmppAuth {
+        self.peers
+            .iter()
+            .find(|p| p.domain.eq_ignore_ascii_case(domain))
+            .map(|p| p.auth)
+            .unwrap_or(self.default_auth)
+    }
+
+    /// The dialback secret, from the config or its file, if one is set.
+    pub fn dialback_secret(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        match (&self.dialback_secret, &self.dialback_secret_file) {
+            (Some(s), _) => Ok(Some(s.clone().into_bytes())),
+            (None, Some(p)) => {
+                let raw = std::fs::read(p).map_err(|source| ConfigError::Read {
+                    path: p.clone(),
+                    source,
+                })?;
+                Ok(Some(raw.trim_ascii_end().to_vec()))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn validate(&self, domains: &[DomainConfig]) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(format!("xmpp: {m}")));
+        if self.dialback_secret.is_some() && self.dialback_secret_file.is_some() {
+            return bad("give `dialback_secret` or `dialback_secret_file`, not both".into());
+        }
+        if self.dialback_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return bad("`dialback_secret` must be at least 16 bytes".into());
+        }
+        if self.max_stanza_bytes < 10_000 || self.max_depth < 4 {
+            return bad(
+                "`max_stanza_bytes` must be at least 10000 and `max_depth` at least 4".into(),
+            );
+        }
+        if self.handshake_timeout_secs == 0
+            || self.idle_timeout_secs == 0
+            || self.connect_timeout_secs == 0
+            || self.ack_timeout_secs == 0
+        {
+            return bad("timeouts must be positive".into());
+        }
+        let mut seen = HashSet::new();
+        for p in &self.peers {
+            let name = p.domain.to_ascii_lowercase();
+            if !seen.insert(name.clone()) {
+                return bad(format!("peer `{}` is listed twice", p.domain));
+            }
+            if !domains
+                .iter()
+                .any(|d| d.platform == Platform::Xmpp && d.name.eq_ignore_ascii_case(&name))
+            {
+                return bad(format!(
+                    "peer `{}` is not a declared domain with platform = \"xmpp\"",
+                    p.domain
+                ));
+            }
+            if let Some(a) = &p.address
+                && a.rsplit_once(':')
+                    .is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err())
+            {
+                return bad(format!(
+                    "peer `{}`: address `{a}` must be host:port",
+                    p.domain
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The Teams edge: the bot's registration, where Microsoft's keys and tokens come from, and
@@ -637,6 +817,9 @@ impl Config {
         if let Some(t) = &self.teams {
             t.validate()?;
         }
+        if let Some(x) = &self.xmpp {
+            x.validate(&self.domains)?;
+        }
         for d in &self.domains {
             let name = d.name.to_ascii_lowercase();
             if !valid_domain(&name) {
@@ -671,6 +854,25 @@ impl Config {
                 if self.teams.is_none() {
                     return bad(format!(
                         "domain `{}` is on Teams, but there is no [teams] section",
+                        d.name
+                    ));
+                }
+                continue;
+            }
+            if d.platform == Platform::Xmpp {
+                if d.secret.is_some()
+                    || d.secret_file.is_some()
+                    || d.webhook_url.is_some()
+                    || d.tenant_id.is_some()
+                {
+                    return bad(format!(
+                        "domain `{}`: an XMPP domain has no `secret`, `webhook_url` or `tenant_id`; its peering is in [xmpp]",
+                        d.name
+                    ));
+                }
+                if self.xmpp.is_none() {
+                    return bad(format!(
+                        "domain `{}` is on XMPP, but there is no [xmpp] section",
                         d.name
                     ));
                 }
@@ -1220,6 +1422,73 @@ between = ["a.example", "b.example"]
                 other => panic!("{why}: {other:?}"),
             }
         }
+    }
+
+    const XMPP: &str = "[xmpp]\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\n";
+    const XMPP_DOMAIN: &str = "[[domains]]\nname = \"jabber.example\"\nplatform = \"xmpp\"\n";
+
+    #[test]
+    fn xmpp_peers_and_their_authentication() -> Result<(), ConfigError> {
+        let c = load(&format!(
+            "{XMPP}default_auth = \"external\"\n[[xmpp.peers]]\ndomain = \"Jabber.example\"\naddress = \"127.0.0.1:5269\"\nauth = \"dialback\"\n{XMPP_DOMAIN}"
+        ))?;
+        let x = c
+            .xmpp
+            .as_ref()
+            .ok_or(ConfigError::Invalid("no xmpp".into()))?;
+        assert_eq!(x.listen.port(), 5269);
+        assert!(x.require_tls);
+        assert_eq!(x.max_stanza_bytes, 524_288);
+        assert_eq!(x.auth_for("jabber.example"), XmppAuth::Dialback);
+        assert_eq!(x.auth_for("other.example"), XmppAuth::External);
+        assert_eq!(x.dialback_secret()?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn invalid_xmpp_configs_are_refused() {
+        for (extra, why) in [
+            (XMPP_DOMAIN.to_string(), "no [xmpp] section"),
+            (
+                format!("{XMPP}{XMPP_DOMAIN}secret = \"0123456789abcdef\"\n"),
+                "has no `secret`",
+            ),
+            (
+                format!("{XMPP}[[xmpp.peers]]\ndomain = \"a.example\"\n{XMPP_DOMAIN}"),
+                "not a declared domain with platform = \"xmpp\"",
+            ),
+            (
+                format!(
+                    "{XMPP}[[xmpp.peers]]\ndomain = \"jabber.example\"\naddress = \"nohost\"\n{XMPP_DOMAIN}"
+                ),
+                "must be host:port",
+            ),
+            (
+                format!(
+                    "{XMPP}[[xmpp.peers]]\ndomain = \"jabber.example\"\n[[xmpp.peers]]\ndomain = \"JABBER.example\"\n{XMPP_DOMAIN}"
+                ),
+                "listed twice",
+            ),
+            (
+                format!("{XMPP}dialback_secret = \"short\"\n"),
+                "at least 16 bytes",
+            ),
+            (format!("{XMPP}max_stanza_bytes = 100\n"), "at least 10000"),
+            (
+                format!("{XMPP}idle_timeout_secs = 0\n"),
+                "timeouts must be positive",
+            ),
+        ] {
+            match load(&extra) {
+                Err(ConfigError::Invalid(m)) => assert!(m.contains(why), "{why}: {m}"),
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+        // Unknown keys are errors here too.
+        assert!(matches!(
+            load(&format!("{XMPP}starttls = false\n")),
+            Err(ConfigError::Parse(_))
+        ));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::control::metadata::MetadataLog;
 use crate::control::policy::Policy;
 use crate::edges::teams::state::{MemoryKv, RedisKv, TeamsState};
 use crate::edges::teams::{self, TeamsEdge};
+use crate::edges::xmpp::{self, XmppEdge};
 use crate::edges::{Edges, http};
 use crate::serve;
 use anyhow::Context;
@@ -51,6 +52,7 @@ pub async fn run(
         metadata_task,
         presence: presence_store,
         teams_kv,
+        xmpp_kv,
     } = open_stores(&cfg)?;
     let metadata_sink: Arc<dyn MetadataSink> = Arc::new(metadata.clone());
 
@@ -65,9 +67,11 @@ pub async fn run(
         policy.clone(),
         metadata_sink.clone(),
     )?;
+    let xmpp = XmppEdge::from_config(&cfg, xmpp_kv, policy.clone(), metadata_sink.clone())?;
     let edges: Arc<Edges> = Arc::new(Edges {
         http: http_out,
         teams: teams.clone(),
+        xmpp: xmpp.clone(),
     });
     let deps = SessionDeps {
         store: store.clone(),
@@ -143,6 +147,9 @@ pub async fn run(
     if let Some(t) = &teams {
         t.set_ingress(router.clone());
     }
+    if let Some(x) = &xmpp {
+        x.set_ingress(router.clone());
+    }
 
     let inbound = Arc::new(http::Inbound {
         domains,
@@ -171,6 +178,20 @@ pub async fn run(
         .await
         .with_context(|| format!("binding the admin listener to {}", cfg.admin.listen))?;
     let (http_addr, admin_addr) = (http_listener.local_addr()?, admin_listener.local_addr()?);
+    let xmpp_server = match (&xmpp, &cfg.xmpp) {
+        (Some(x), Some(xc)) => {
+            let l = TcpListener::bind(xc.listen)
+                .await
+                .with_context(|| format!("binding the xmpp edge to {}", xc.listen))?;
+            info!(xmpp = %l.local_addr()?, "xmpp s2s listening");
+            Some(tokio::spawn(xmpp::inbound::serve(
+                x.clone(),
+                l,
+                stop_rx.clone(),
+            )))
+        }
+        _ => None,
+    };
     let http_server = tokio::spawn(serve::serve(
         http_listener,
         tls.clone(),
@@ -217,6 +238,12 @@ pub async fn run(
         Ok(_) => {}
         Err(_) => warn!("in-flight requests did not finish before the drain deadline"),
     }
+    // XMPP peers get what they sent acknowledged, then the streams close.
+    if let Some(x) = xmpp_server
+        && tokio::time::timeout_at(deadline.into(), x).await.is_err()
+    {
+        warn!("xmpp streams did not close before the drain deadline");
+    }
     if clustered {
         // Envelopes peers still send here are forwarded to the new owners meanwhile.
         loop {
@@ -257,6 +284,9 @@ pub async fn run(
         }
     }
     let _ = grpc_stop_tx.send(true);
+    if let Some(x) = &xmpp {
+        x.pool.close_all().await;
+    }
     supervisor.stop();
     let _ = supervisor_task.await;
     let flush_left = deadline
@@ -338,6 +368,7 @@ struct Stores {
     metadata_task: tokio::task::JoinHandle<()>,
     presence: Arc<dyn PresenceStore>,
     teams_kv: Box<dyn teams::state::Kv>,
+    xmpp_kv: Box<dyn teams::state::Kv>,
 }
 
 fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
@@ -351,6 +382,7 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
                 metadata_task: task,
                 presence: Arc::new(MemoryPresenceStore::default()),
                 teams_kv: Box::<MemoryKv>::default(),
+                xmpp_kv: Box::<MemoryKv>::default(),
             }
         }
         StoreBackend::Redis => {
@@ -368,6 +400,7 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
                 RedisOutbox::new(&rcfg, cfg.http.stream_retention).context("redis outbox")?;
             let presence = RedisPresenceStore::new(store.connection(), &cfg.store.key_prefix);
             let teams_kv = Box::new(RedisKv::new(store.connection()));
+            let xmpp_kv = Box::new(RedisKv::new(store.connection()));
             Stores {
                 store: Arc::new(store),
                 outbox: Arc::new(outbox),
@@ -375,6 +408,7 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
                 metadata_task: task,
                 presence: Arc::new(presence),
                 teams_kv,
+                xmpp_kv,
             }
         }
     })

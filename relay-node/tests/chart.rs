@@ -638,7 +638,18 @@ fn the_rendered_relay_toml_passes_check_config() -> Result<()> {
             "{case}: relay-node check-config refuses the rendered relay.toml:\n{}\n{toml}",
             output_text(&out)
         );
-        let uses_secret_files = toml.contains("secret_file") || toml.contains("password_file");
+        // Without the flag, check-config reads the domains' secret files and the bot's
+        // password file (not TLS material or the XMPP dialback secret).
+        let table = toml_table(&toml)?;
+        let uses_secret_files = table
+            .get("domains")
+            .and_then(toml::Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|d| d.get("secret_file").is_some())
+            || table
+                .get("teams")
+                .is_some_and(|t| t.get("app_password_file").is_some());
         let out = check_config(&file, &env, false)?;
         if uses_secret_files {
             // The secret files exist only in the pod: reading them is what the flag skips.
@@ -864,6 +875,256 @@ fn the_production_variant_speaks_tls_to_redis_and_etcd() -> Result<()> {
     Ok(())
 }
 
+/// The XMPP variant (`ci/xmpp.yaml`) runs the edge: relay.toml's `[xmpp]` listens on the
+/// container port that the `-xmpp` Service targets; its certificate, key, peers' CA and dialback
+/// secret are files mounted read-only from the Secrets and keys the values give; it carries the
+/// limits that are set (only those), the peers and their authentication; `check-config` accepts
+/// it; the NetworkPolicy lets peers in and the pods out to the peers' ports. The same values
+/// with the edge off fail to render, because of their XMPP domains.
+#[test]
+fn the_xmpp_variant_runs_the_edge_with_its_secrets_mounted() -> Result<()> {
+    let values_file = chart().join("ci/xmpp.yaml");
+    let values: Value = serde_norway::from_str(&std::fs::read_to_string(&values_file)?)?;
+    let defaults: Value =
+        serde_norway::from_str(&std::fs::read_to_string(chart().join("values.yaml"))?)?;
+    let x = &values["xmpp"];
+    let default = |path: &[&str]| {
+        let mut v = &defaults["xmpp"];
+        for p in path {
+            v = &v[*p];
+        }
+        v.clone()
+    };
+    let docs = render("ci/xmpp.yaml", Some(&values_file))?;
+    let text = relay_toml(&docs)?;
+    let toml = toml_table(&text)?;
+    let xmpp = toml
+        .get("xmpp")
+        .and_then(toml::Value::as_table)
+        .context("relay.toml has no [xmpp]")?;
+    let sts = find(&docs, "StatefulSet", &fullname())?;
+    let spec = &sts["spec"]["template"]["spec"];
+    let relay = relay_container(sts)?;
+    let string = |k: &str| {
+        xmpp.get(k)
+            .and_then(toml::Value::as_str)
+            .with_context(|| format!("relay.toml has no string xmpp.{k}"))
+    };
+
+    // The listener, on the standard port, which the container and the Service expose.
+    ensure!(
+        x["port"].is_null() && default(&["port"]) == 5269,
+        "the ci file should keep the default port"
+    );
+    ensure!(
+        string("listen")? == "0.0.0.0:5269",
+        "xmpp.listen is {}",
+        string("listen")?
+    );
+    let container_port = relay["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "xmpp-server")
+        .context("the relay container has no xmpp-server port")?;
+    ensure!(
+        container_port["containerPort"] == 5269 && container_port["protocol"] == "TCP",
+        "the xmpp-server port is {container_port}"
+    );
+    let svc = find(&docs, "Service", &format!("{}-xmpp", fullname()))?;
+    let svc_port = &svc["spec"]["ports"][0];
+    ensure!(
+        svc["spec"]["type"] == "LoadBalancer"
+            && svc_port["port"] == 5269
+            && svc_port["targetPort"] == "xmpp-server"
+            && svc_port["protocol"] == "TCP"
+            && svc["spec"]["publishNotReadyAddresses"].is_null(),
+        "the XMPP Service is {}",
+        svc["spec"]
+    );
+    ensure!(
+        svc["metadata"]["annotations"] == x["service"]["annotations"],
+        "the XMPP Service's annotations are {}",
+        svc["metadata"]["annotations"]
+    );
+
+    // Certificate, key, peers' CA and dialback secret: files from the values' Secrets and keys.
+    let tls_secret = x["tls"]["secretName"].clone();
+    let ca_key = match &x["tls"]["caKey"] {
+        Value::Null => default(&["tls", "caKey"]),
+        k => k.clone(),
+    };
+    let dialback_key = match &x["dialbackSecret"]["key"] {
+        Value::Null => default(&["dialbackSecret", "key"]),
+        k => k.clone(),
+    };
+    for (key, secret, secret_key) in [
+        ("tls_cert", &tls_secret, &Value::from("tls.crt")),
+        ("tls_key", &tls_secret, &Value::from("tls.key")),
+        ("tls_ca", &x["tls"]["caSecretName"], &ca_key),
+        (
+            "dialback_secret_file",
+            &x["dialbackSecret"]["secretName"],
+            &dialback_key,
+        ),
+    ] {
+        let (want_secret, want_key) = secret
+            .as_str()
+            .zip(secret_key.as_str())
+            .with_context(|| format!("the ci file gives no Secret for xmpp.{key}"))?;
+        let path = string(key)?;
+        let (got_secret, got_key) =
+            mounted_secret(spec, relay, path).with_context(|| format!("xmpp.{key}"))?;
+        ensure!(
+            got_secret == want_secret && got_key == want_key,
+            "xmpp.{key} = {path} is {got_secret}/{got_key} in the pod, not {want_secret}/{want_key}"
+        );
+    }
+    ensure!(
+        xmpp.get("dialback_secret").is_none(),
+        "an inline dialback secret in the ConfigMap"
+    );
+
+    // The settings given, and no limit that was not; STARTTLS stays required.
+    ensure!(
+        xmpp.get("default_auth").and_then(toml::Value::as_str) == x["defaultAuth"].as_str(),
+        "xmpp.default_auth is {:?}",
+        xmpp.get("default_auth")
+    );
+    let mut set = 0;
+    for (value, key) in [
+        ("maxStanzaBytes", "max_stanza_bytes"),
+        ("maxDepth", "max_depth"),
+        ("handshakeTimeoutSecs", "handshake_timeout_secs"),
+        ("idleTimeoutSecs", "idle_timeout_secs"),
+        ("connectTimeoutSecs", "connect_timeout_secs"),
+        ("ackTimeoutSecs", "ack_timeout_secs"),
+    ] {
+        ensure!(default(&[value]).is_null(), "values.yaml sets xmpp.{value}");
+        let got = xmpp.get(key).map(|v| v.as_integer());
+        ensure!(
+            got == x[value].as_i64().map(Some),
+            "xmpp.{key} is {got:?}, the values give {}",
+            x[value]
+        );
+        set += usize::from(got.is_some());
+    }
+    ensure!(
+        (1..6).contains(&set),
+        "the ci file should set some limits and leave others"
+    );
+    ensure!(
+        xmpp.get("require_tls").is_none() && xmpp.get("dns_server").is_none(),
+        "[xmpp] has keys no value asked for: {xmpp:?}"
+    );
+    let peers: Vec<(Option<&str>, Option<&str>, Option<&str>)> = xmpp
+        .get("peers")
+        .and_then(toml::Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let s = |k: &str| p.get(k).and_then(toml::Value::as_str);
+            (s("domain"), s("address"), s("auth"))
+        })
+        .collect();
+    let want: Vec<(Option<&str>, Option<&str>, Option<&str>)> = x["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["domain"].as_str(),
+                p["address"].as_str(),
+                p["auth"].as_str(),
+            )
+        })
+        .collect();
+    ensure!(
+        !want.is_empty() && peers == want,
+        "[[xmpp.peers]] {peers:?}, the values give {want:?}"
+    );
+    // An XMPP domain is a name and a platform: no secret, delivery or tenant.
+    let xmpp_domains: Vec<&toml::Value> = toml
+        .get("domains")
+        .and_then(toml::Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|d| d.get("platform").and_then(toml::Value::as_str) == Some("xmpp"))
+        .collect();
+    ensure!(
+        xmpp_domains.len() == want.len()
+            && xmpp_domains
+                .iter()
+                .all(|d| d.as_table().is_some_and(|t| t.len() == 2)),
+        "the XMPP domains in relay.toml: {xmpp_domains:?}"
+    );
+
+    // check-config accepts it, and does check the edge: without [xmpp] the same file is refused.
+    let env = pod_env(sts)?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("relay.toml");
+    std::fs::write(&file, &text)?;
+    let out = check_config(&file, &env, true)?;
+    ensure!(
+        out.status.success() && output_text(&out).contains(": ok ("),
+        "relay-node check-config refuses the XMPP variant:\n{}\n{text}",
+        output_text(&out)
+    );
+    let without: Vec<&str> = text
+        .split("\n\n")
+        .filter(|block| !block.starts_with("[xmpp]") && !block.starts_with("[[xmpp.peers]]"))
+        .collect();
+    ensure!(without.len() + 1 + want.len() == text.split("\n\n").count());
+    let no_edge = dir.path().join("no-edge.toml");
+    std::fs::write(&no_edge, without.join("\n\n"))?;
+    let out = check_config(&no_edge, &env, true)?;
+    ensure!(
+        !out.status.success() && output_text(&out).contains("no [xmpp] section"),
+        "check-config took XMPP domains without [xmpp]:\n{}",
+        output_text(&out)
+    );
+
+    // NetworkPolicy: peers in on 5269 from anywhere (networkPolicy.xmppFrom is empty); out to
+    // networkPolicy.egress.xmppPorts and the port of every xmpp.peers[].address.
+    let np = find(&docs, "NetworkPolicy", &fullname())?;
+    let rule = np["spec"]["ingress"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["ports"][0]["port"] == 5269)
+        .context("no NetworkPolicy ingress rule for the XMPP edge")?;
+    ensure!(
+        rule["from"].is_null() && rule["ports"].as_array().is_some_and(|p| p.len() == 1),
+        "the XMPP ingress rule is {rule}"
+    );
+    let ports = egress_ports_to(&docs, &Value::Null)?;
+    let mut want_ports: BTreeSet<i64> = values["networkPolicy"]["egress"]["xmppPorts"]
+        .as_array()
+        .context("the ci file has no networkPolicy.egress.xmppPorts")?
+        .iter()
+        .filter_map(Value::as_i64)
+        .collect();
+    for p in &want {
+        if let Some(port) = p.1.and_then(|a| a.rsplit_once(':')?.1.parse().ok()) {
+            want_ports.insert(port);
+        }
+    }
+    ensure!(
+        want_ports.len() >= 3 && want_ports.is_subset(&ports),
+        "egress to XMPP peers on {ports:?}, not all of {want_ports:?}"
+    );
+
+    // The same values with the edge off: refused, naming the XMPP domains.
+    match template(Some(&values_file), &["xmpp.enabled=false"])? {
+        Ok(_) => bail!("XMPP domains rendered with xmpp.enabled=false"),
+        Err(e) => ensure!(
+            e.contains("jabber.partner.example") && e.contains("xmpp.enabled=true"),
+            "{e}"
+        ),
+    }
+    Ok(())
+}
+
 fn pod_specs(docs: &[Value]) -> Vec<(String, &Value)> {
     docs.iter()
         .filter(|d| matches!(kind(d), "StatefulSet" | "Deployment" | "Job" | "DaemonSet"))
@@ -984,6 +1245,44 @@ fn pods_are_locked_down_and_the_grace_period_covers_the_drain() -> Result<()> {
             port_of("http") == Some(listen_port(&toml, "http")?),
             "{case}: http port differs from http.listen"
         );
+        // The XMPP edge's port, Service and NetworkPolicy rule exist exactly when it listens.
+        let xmpp_service = docs
+            .iter()
+            .find(|d| kind(d) == "Service" && name(d) == format!("{}-xmpp", fullname()));
+        if toml.contains_key("xmpp") {
+            let port = listen_port(&toml, "xmpp")?;
+            ensure!(
+                port_of("xmpp-server") == Some(port),
+                "{case}: the xmpp-server port differs from xmpp.listen"
+            );
+            let svc = xmpp_service.with_context(|| format!("{case}: no XMPP Service"))?;
+            ensure!(
+                svc["spec"]["ports"]
+                    .as_array()
+                    .is_some_and(|ps| ps.iter().any(|p| p["targetPort"] == "xmpp-server")),
+                "{case}: the XMPP Service does not target the xmpp-server port: {}",
+                svc["spec"]
+            );
+            if let Some(np) = docs
+                .iter()
+                .find(|d| kind(d) == "NetworkPolicy" && name(d) == fullname())
+            {
+                ensure!(
+                    np["spec"]["ingress"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .flat_map(|r| r["ports"].as_array().into_iter().flatten())
+                        .any(|p| p["port"].as_i64() == Some(port)),
+                    "{case}: the NetworkPolicy lets nothing reach the XMPP edge"
+                );
+            }
+        } else {
+            ensure!(
+                port_of("xmpp-server").is_none() && xmpp_service.is_none(),
+                "{case}: an XMPP port or Service without the edge in relay.toml"
+            );
+        }
         for (probe, path) in [
             ("readinessProbe", "/readyz"),
             ("livenessProbe", "/healthz"),
@@ -1181,8 +1480,99 @@ fn bad_values_fail_rendering_with_a_message_naming_them() -> Result<()> {
         (
             "an unknown platform",
             (
-                vec!["domains[0].name=a.example", "domains[0].platform=xmpp"],
-                vec!["domains.0.platform", "http", "teams"],
+                vec!["domains[0].name=a.example", "domains[0].platform=sip"],
+                vec!["domains.0.platform", "http", "teams", "xmpp"],
+            ),
+        ),
+        (
+            "an XMPP domain without the XMPP edge",
+            (
+                vec!["domains[0].name=jabber.example", "domains[0].platform=xmpp"],
+                vec!["jabber.example", "platform xmpp", "xmpp.enabled=true"],
+            ),
+        ),
+        (
+            "an XMPP domain with an HMAC secret",
+            (
+                vec![
+                    "xmpp.enabled=true",
+                    "xmpp.tls.secretName=xmpp-tls",
+                    "domains[0].name=jabber.example",
+                    "domains[0].platform=xmpp",
+                    "domains[0].secret.existingSecret=s",
+                ],
+                vec!["domains.0"],
+            ),
+        ),
+        (
+            "the XMPP edge without its certificate",
+            (
+                vec!["xmpp.enabled=true"],
+                vec!["xmpp.enabled", "xmpp.tls.secretName"],
+            ),
+        ),
+        (
+            "the XMPP edge in a cluster without a shared dialback secret",
+            (
+                vec![
+                    "xmpp.enabled=true",
+                    "xmpp.tls.secretName=xmpp-tls",
+                    "replicas=3",
+                    "etcd.enabled=true",
+                    "redis.enabled=true",
+                    "cluster.allowPlaintext=true",
+                ],
+                vec![
+                    "replicas=3",
+                    "xmpp.dialbackSecret.secretName",
+                    "every node must share",
+                ],
+            ),
+        ),
+        (
+            "the XMPP edge autoscaled without a shared dialback secret",
+            (
+                vec![
+                    "xmpp.enabled=true",
+                    "xmpp.tls.secretName=xmpp-tls",
+                    "autoscaling.enabled=true",
+                    "etcd.enabled=true",
+                    "redis.enabled=true",
+                    "cluster.allowPlaintext=true",
+                ],
+                vec!["autoscaling.enabled=true", "xmpp.dialbackSecret.secretName"],
+            ),
+        ),
+        (
+            "an XMPP peer that is not an XMPP domain",
+            (
+                vec![
+                    "xmpp.enabled=true",
+                    "xmpp.tls.secretName=xmpp-tls",
+                    "xmpp.peers[0].domain=jabber.example",
+                ],
+                vec!["xmpp.peers", "jabber.example", "platform xmpp"],
+            ),
+        ),
+        (
+            "an XMPP peer address without a port",
+            (
+                vec![
+                    "xmpp.enabled=true",
+                    "xmpp.tls.secretName=xmpp-tls",
+                    "domains[0].name=jabber.example",
+                    "domains[0].platform=xmpp",
+                    "xmpp.peers[0].domain=jabber.example",
+                    "xmpp.peers[0].address=xmpp.jabber.example",
+                ],
+                vec!["xmpp.peers.0.address"],
+            ),
+        ),
+        (
+            "the removed placeholder switch of the XMPP Service",
+            (
+                vec!["xmpp.service.enabled=true"],
+                vec!["xmpp.service.enabled", "xmpp.enabled=true"],
             ),
         ),
         (
@@ -1341,6 +1731,23 @@ fn bad_values_fail_rendering_with_a_message_naming_them() -> Result<()> {
             "externalEtcd.endpoints={https://etcd-0:2379,https://etcd-1:2379}",
             "externalEtcd.tls.existingSecret=etcd-tls",
         ],
+        // A single node may do without a dialback secret (a random one per process); a cluster
+        // with one renders.
+        vec![
+            "xmpp.enabled=true",
+            "xmpp.tls.secretName=xmpp-tls",
+            "domains[0].name=jabber.example",
+            "domains[0].platform=xmpp",
+        ],
+        vec![
+            "xmpp.enabled=true",
+            "xmpp.tls.secretName=xmpp-tls",
+            "xmpp.dialbackSecret.secretName=xmpp-dialback",
+            "replicas=3",
+            "etcd.enabled=true",
+            "redis.enabled=true",
+            "cluster.allowPlaintext=true",
+        ],
     ] {
         if let Err(e) = template(None, &sets)? {
             bail!("{sets:?} did not render:\n{e}");
@@ -1366,10 +1773,12 @@ fn the_operations_doc_explains_every_metric_and_alert() -> Result<()> {
         Some(&chart().join("ci/production-external.yaml")),
     )?;
     let teams = render("ci/teams.yaml", Some(&chart().join("ci/teams.yaml")))?;
+    let xmpp = render("ci/xmpp.yaml", Some(&chart().join("ci/xmpp.yaml")))?;
     let mut alerts = BTreeSet::new();
     for d in docs
         .iter()
         .chain(&teams)
+        .chain(&xmpp)
         .filter(|d| kind(d) == "PrometheusRule")
     {
         for g in d["spec"]["groups"].as_array().into_iter().flatten() {

@@ -4,6 +4,7 @@
 
 use relay_node::edges::http::codec::fuzz_event;
 use relay_node::edges::teams::{html, inbound::fuzz_activity};
+use relay_node::edges::xmpp::xml::{Event, Limits, Parser, fuzz_xml};
 
 /// The seed corpus of a fuzz target (`fuzz/corpus/<target>`), sorted.
 fn seeds(target: &str) -> Vec<Vec<u8>> {
@@ -14,6 +15,25 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
         .map(|d| {
             d.filter_map(|e| e.ok())
                 .filter_map(|e| std::fs::read(e.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// The seed corpus of a fuzz target with the file names, sorted by name.
+fn named_seeds(target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let data = std::fs::read(e.path()).ok()?;
+                    Some((e.file_name().to_string_lossy().into_owned(), data))
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -147,4 +167,58 @@ fn mutated_teams_activities_never_panic() {
         valid > 2_000,
         "only {valid} mutated inputs were valid activities"
     );
+}
+
+/// What the XMPP parser makes of an `xmpp_xml` fuzz input (first byte: chunk size and, with
+/// its high bit, the small limits `fuzz_xml` uses): the stanzas read, and whether it failed.
+fn xmpp_outcome(input: &[u8]) -> (usize, bool) {
+    let Some((&sel, stream)) = input.split_first() else {
+        return (0, false);
+    };
+    let limits = if sel & 0x80 != 0 {
+        Limits {
+            max_stanza_bytes: 1024,
+            max_depth: 6,
+            max_attrs: 8,
+            max_header_bytes: 320,
+        }
+    } else {
+        Limits::default()
+    };
+    let mut p = Parser::new(limits);
+    p.feed(stream);
+    let mut stanzas = 0;
+    loop {
+        match p.next_event() {
+            Ok(Some(Event::Stanza(_))) => stanzas += 1,
+            Ok(Some(_)) => {}
+            Ok(None) => return (stanzas, false),
+            Err(_) => return (stanzas, true),
+        }
+    }
+}
+
+#[test]
+fn xmpp_seeds_are_valid_streams_or_refused() {
+    let seeds = named_seeds("xmpp_xml");
+    assert!(seeds.len() >= 15, "corpus missing");
+    for (name, s) in &seeds {
+        fuzz_xml(s);
+        let (stanzas, failed) = xmpp_outcome(s);
+        if name.starts_with("hostile_") {
+            assert!(failed, "hostile seed accepted: {name}");
+        } else {
+            assert!(!failed && stanzas > 0, "seed rejected: {name}");
+        }
+    }
+}
+
+#[test]
+fn mutated_xmpp_streams_never_panic() {
+    let valid = mutation_run(&seeds("xmpp_xml"), |input| {
+        fuzz_xml(input);
+        xmpp_outcome(input).0 > 0
+    });
+    // Mutations must get stanzas through the parser, not only fail on the header.
+    assert!(valid > 4_000, "only {valid} mutated inputs gave stanzas");
 }

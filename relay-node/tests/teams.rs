@@ -13,36 +13,8 @@ use test_support::fake_bot_connector::Call;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// Waits for a successful POST to `conversation` whose text contains every one of `needles`;
-/// returns it.
 async fn wait_post(rig: &Rig, conversation: &str, needles: &[&str]) -> Result<Call> {
-    let found = |c: &Call| {
-        c.method == "POST"
-            && (200..300).contains(&c.status)
-            && c.conversation_id.starts_with(conversation)
-            && needles
-                .iter()
-                .all(|n| c.body["text"].as_str().unwrap_or("").contains(n))
-    };
-    let calls = match rig
-        .fake
-        .wait_calls(&format!("a post with {needles:?}"), WAIT, |cs| {
-            cs.iter().any(found)
-        })
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => {
-            let texts: Vec<String> = rig
-                .fake
-                .calls()
-                .iter()
-                .map(|c| c.body["text"].as_str().unwrap_or("").to_string())
-                .collect();
-            return Err(e.context(format!("posted: {texts:?}")));
-        }
-    };
-    calls.into_iter().find(found).context("the post vanished")
+    teams::wait_post(rig, conversation, needles, WAIT).await
 }
 
 /// The next event on bob's stream of a type other than presence.

@@ -7,6 +7,22 @@ use std::path::Path;
 /// certificate it signs for 127.0.0.1 and localhost, `<prefix><leaf>.pem`, with its key,
 /// `<prefix><leaf>.key` (PEM). A certificate serves as a server's or a client's alike.
 pub fn issue(dir: &Path, prefix: &str, ca_name: &str, leaves: &[&str]) -> Result<()> {
+    let named: Vec<(&str, &[&str])> = leaves
+        .iter()
+        .map(|l| (*l, &["127.0.0.1", "localhost"][..]))
+        .collect();
+    issue_named(dir, prefix, ca_name, &named)
+}
+
+/// Like [`issue`], with each leaf's own subject alternative names: `(file name, names)`.
+/// The first name is also the subject's common name (what XMPP and SIP peers check is a
+/// `DNS:` SAN naming their domain).
+pub fn issue_named(
+    dir: &Path,
+    prefix: &str,
+    ca_name: &str,
+    leaves: &[(&str, &[&str])],
+) -> Result<()> {
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params
@@ -16,10 +32,16 @@ pub fn issue(dir: &Path, prefix: &str, ca_name: &str, leaves: &[&str]) -> Result
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     std::fs::write(dir.join(format!("{prefix}ca.pem")), ca_cert.pem())?;
-    for leaf in leaves {
+    for (leaf, names) in leaves {
         let key = rcgen::KeyPair::generate()?;
-        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])?
-            .signed_by(&key, &issuer)?;
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        if let Some(first) = names.first() {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, *first);
+        }
+        let cert = params.signed_by(&key, &issuer)?;
         std::fs::write(dir.join(format!("{prefix}{leaf}.pem")), cert.pem())?;
         std::fs::write(dir.join(format!("{prefix}{leaf}.key")), key.serialize_pem())?;
     }

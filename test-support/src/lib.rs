@@ -8,7 +8,9 @@
 pub mod certs;
 mod etcd;
 pub mod fake_bot_connector;
+pub mod prosody;
 mod proxy;
+pub mod xmpp_client;
 
 pub use etcd::EtcdServer;
 pub use proxy::{FaultProxy, ProxyMode};

@@ -314,8 +314,13 @@ values to change.
 {{- if not $v.teams.enabled }}
 {{- fail (printf "domains: %s is a Teams domain: set teams.enabled=true with the bot's appId, appTenantId and appPassword" .name) }}
 {{- end }}
+{{- else if eq .platform "xmpp" }}
+{{- if not $v.xmpp.enabled }}
+{{- fail (printf "domains: %s has platform xmpp, but the XMPP edge is off: set xmpp.enabled=true with xmpp.tls.secretName (the relay's certificate; see docs/operations.md), or remove the domain (the relay refuses XMPP domains without its [xmpp] section)" .name) }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- include "fedrelay.validateXmpp" (dict "root" $ "names" $names) }}
 {{- range $v.federation }}
 {{- range .between }}
 {{- if not (hasKey $names (lower .)) }}
@@ -340,6 +345,91 @@ values to change.
 {{- fail "autoscaling.minReplicas is larger than autoscaling.maxReplicas" }}
 {{- end }}
 {{- $_ := include "fedrelay.terminationGracePeriod" . }}
+{{- end }}
+
+{{/* Checks of the XMPP edge's values; .names: the declared domains (lower case). */}}
+{{- define "fedrelay.validateXmpp" -}}
+{{- $v := .root.Values }}
+{{- $x := $v.xmpp }}
+{{- if hasKey $x.service "enabled" }}
+{{- fail "xmpp.service.enabled is gone: the XMPP Service is rendered with the edge, xmpp.enabled=true (xmpp.service keeps its type, port, annotations and loadBalancerSourceRanges)" }}
+{{- end }}
+{{- if $x.enabled }}
+{{- if not $x.tls.secretName }}
+{{- fail "xmpp.enabled needs xmpp.tls.secretName: a kubernetes.io/tls Secret (tls.crt, tls.key) whose certificate's DNS SANs name every domain XMPP peers reach here" }}
+{{- end }}
+{{- if and (include "fedrelay.clustered" .root) (not $x.dialbackSecret.secretName) }}
+{{- $why := ternary (printf "replicas=%d" (int $v.replicas)) (ternary "autoscaling.enabled=true" "cluster.enabled=true" $v.autoscaling.enabled) (gt (int $v.replicas) 1) }}
+{{- fail (printf "xmpp.enabled with %s needs xmpp.dialbackSecret.secretName: every node must share the dialback secret, since a peer's dialback verification may reach any node. Create a Secret with at least 32 random bytes (kubectl create secret generic fedrelay-xmpp-dialback --from-literal=%s=\"$(openssl rand -hex 32)\") and name it there" $why $x.dialbackSecret.key) }}
+{{- end }}
+{{- $xmppDomains := dict }}
+{{- range $v.domains }}{{ if eq .platform "xmpp" }}{{ $_ := set $xmppDomains (lower .name) true }}{{ end }}{{ end }}
+{{- $peers := dict }}
+{{- range $x.peers }}
+{{- if not (hasKey $xmppDomains (lower .domain)) }}
+{{- fail (printf "xmpp.peers: %s is not one of the domains with platform xmpp: declare it in domains (platform: xmpp) or remove the peer" .domain) }}
+{{- end }}
+{{- if hasKey $peers (lower .domain) }}
+{{- fail (printf "xmpp.peers: %s is listed twice" .domain) }}
+{{- end }}
+{{- $_ := set $peers (lower .domain) true }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "fedrelay.xmppDir" -}}/etc/fedrelay/xmpp{{- end }}
+
+{{/*
+The XMPP edge's certificate and key (tls.crt, tls.key), the peers' CAs (ca.crt) and the dialback
+secret (dialback-secret), in one projected volume of the relay pods (not the loadtest Job's).
+*/}}
+{{- define "fedrelay.xmppVolumeMounts" -}}
+{{- if .Values.xmpp.enabled }}
+- name: xmpp
+  mountPath: {{ include "fedrelay.xmppDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "fedrelay.xmppVolumes" -}}
+{{- $x := .Values.xmpp }}
+{{- if $x.enabled }}
+- name: xmpp
+  projected:
+    defaultMode: 288 # 0440
+    sources:
+      - secret:
+          name: {{ $x.tls.secretName }}
+          items:
+            - key: tls.crt
+              path: tls.crt
+            - key: tls.key
+              path: tls.key
+      {{- if $x.tls.caSecretName }}
+      - secret:
+          name: {{ $x.tls.caSecretName }}
+          items:
+            - key: {{ $x.tls.caKey | quote }}
+              path: ca.crt
+      {{- end }}
+      {{- if $x.dialbackSecret.secretName }}
+      - secret:
+          name: {{ $x.dialbackSecret.secretName }}
+          items:
+            - key: {{ $x.dialbackSecret.key | quote }}
+              path: dialback-secret
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The ports of xmpp.peers[].address, besides networkPolicy.egress.xmppPorts, as a JSON list. */}}
+{{- define "fedrelay.xmppEgressPorts" -}}
+{{- $ports := dict }}
+{{- range .Values.networkPolicy.egress.xmppPorts }}{{ $_ := set $ports (toString (int .)) true }}{{ end }}
+{{- range .Values.xmpp.peers }}
+{{- with .address }}{{ $_ := set $ports (regexFind "[0-9]+$" .) true }}{{ end }}
+{{- end }}
+{{- keys $ports | sortAlpha | toJson }}
 {{- end }}
 
 {{/* The config file, secrets and TLS material, as the relay pods and the loadtest Job mount them. */}}

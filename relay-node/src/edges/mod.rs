@@ -4,6 +4,7 @@
 
 pub mod http;
 pub mod teams;
+pub mod xmpp;
 
 use async_trait::async_trait;
 use fedrelay_proto::{Address, Envelope};
@@ -20,11 +21,40 @@ pub fn declared_too_large(headers: &axum::http::HeaderMap, limit: usize) -> bool
         .is_some_and(|n| n > limit)
 }
 
+/// A 1:1 envelope from `from` on `platform` to `to`, with the origin's own id for it.
+pub fn one_to_one(
+    platform: &str,
+    from: &Address,
+    to: &Address,
+    native_id: String,
+    body: fedrelay_proto::v1::envelope::Body,
+) -> Envelope {
+    Envelope {
+        session_id: session_actor::SessionId::one_to_one(from, to).0.to_vec(),
+        relay_msg_id: String::new(),
+        origin: Some(fedrelay_proto::v1::Origin {
+            platform: platform.into(),
+            native_id,
+        }),
+        sender: Some(from.clone()),
+        recipients: vec![to.clone()],
+        sent_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0),
+        trace_context: None,
+        seq: 0,
+        body: Some(body),
+    }
+}
+
 /// The node's [`Outbound`]: sends each delivery to the edge of the recipient's platform.
 pub struct Edges {
     pub http: Arc<http::HttpOutbound>,
     /// The bot, when a domain is on Teams.
     pub teams: Option<Arc<teams::TeamsEdge>>,
+    /// Server-to-server federation, when a domain is on XMPP.
+    pub xmpp: Option<Arc<xmpp::XmppEdge>>,
 }
 
 #[async_trait]
@@ -41,6 +71,13 @@ impl Outbound for Edges {
                 None => Err(DeliveryError::permanent(
                     "no_edge",
                     "no edge serves platform teams",
+                )),
+            },
+            "xmpp" => match &self.xmpp {
+                Some(x) => x.deliver(recipient, batch).await,
+                None => Err(DeliveryError::permanent(
+                    "no_edge",
+                    "no edge serves platform xmpp",
                 )),
             },
             other => Err(DeliveryError::permanent(

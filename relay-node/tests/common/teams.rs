@@ -3,10 +3,10 @@
 #![allow(dead_code)]
 
 use super::{SECRET_B, SECRET_C, SECRET_D};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicU64, Ordering};
-use test_support::fake_bot_connector::{FakeBotConnector, FakeConfig, Member, post_activity};
+use test_support::fake_bot_connector::{Call, FakeBotConnector, FakeConfig, Member, post_activity};
 use test_support::{RedisServer, RelayNode};
 
 /// The tenant contoso.com is bound to.
@@ -266,4 +266,41 @@ pub fn posted_texts(rig: &Rig, conversation: &str) -> Vec<String> {
         .filter(|c| c.conversation_id == conversation && c.body["type"] == "message")
         .map(|c| c.body["text"].as_str().unwrap_or("").to_string())
         .collect()
+}
+
+/// Waits for a successful POST to `conversation` whose text contains every one of `needles`;
+/// returns it.
+pub async fn wait_post(
+    rig: &Rig,
+    conversation: &str,
+    needles: &[&str],
+    timeout: std::time::Duration,
+) -> Result<Call> {
+    let found = |c: &Call| {
+        c.method == "POST"
+            && (200..300).contains(&c.status)
+            && c.conversation_id.starts_with(conversation)
+            && needles
+                .iter()
+                .all(|n| c.body["text"].as_str().unwrap_or("").contains(n))
+    };
+    let calls = match rig
+        .fake
+        .wait_calls(&format!("a post with {needles:?}"), timeout, |cs| {
+            cs.iter().any(found)
+        })
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let texts: Vec<String> = rig
+                .fake
+                .calls()
+                .iter()
+                .map(|c| c.body["text"].as_str().unwrap_or("").to_string())
+                .collect();
+            return Err(e.context(format!("posted: {texts:?}")));
+        }
+    };
+    calls.into_iter().find(found).context("the post vanished")
 }

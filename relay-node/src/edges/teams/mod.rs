@@ -199,20 +199,7 @@ impl TeamsEdge {
         native_id: String,
         body: v1::envelope::Body,
     ) -> Envelope {
-        Envelope {
-            session_id: SessionId::one_to_one(from, to).0.to_vec(),
-            relay_msg_id: String::new(),
-            origin: Some(v1::Origin {
-                platform: "teams".into(),
-                native_id,
-            }),
-            sender: Some(from.clone()),
-            recipients: vec![to.clone()],
-            sent_at_ms: now_ms(),
-            trace_context: None,
-            seq: 0,
-            body: Some(body),
-        }
+        crate::edges::one_to_one("teams", from, to, native_id, body)
     }
 
     /// Posts a bot message (HTML) to a conversation.
