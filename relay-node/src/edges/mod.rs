@@ -21,6 +21,14 @@ pub fn declared_too_large(headers: &axum::http::HeaderMap, limit: usize) -> bool
         .is_some_and(|n| n > limit)
 }
 
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// A 1:1 envelope from `from` on `platform` to `to`, with the origin's own id for it.
 pub fn one_to_one(
     platform: &str,
@@ -38,14 +46,35 @@ pub fn one_to_one(
         }),
         sender: Some(from.clone()),
         recipients: vec![to.clone()],
-        sent_at_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0),
+        sent_at_ms: now_ms(),
         trace_context: None,
         seq: 0,
         body: Some(body),
     }
+}
+
+/// Counts a refusal by policy and records it in the metadata log (never content): `from` tried
+/// to reach `to_user@to_domain`.
+pub fn record_refusal(
+    metadata: &dyn session_actor::MetadataSink,
+    from: &Address,
+    to_domain: &str,
+    to_user: &str,
+    code: &str,
+) {
+    metrics::counter!("fedrelay_policy_refusals_total", "reason" => code.to_string()).increment(1);
+    let recipient = Address::new("unknown", to_domain, to_user);
+    metadata.record(session_actor::MetadataEntry {
+        at_ms: now_ms(),
+        session_id: Some(session_actor::SessionId::one_to_one(from, &recipient)),
+        relay_msg_id: String::new(),
+        sender: format!("{}@{}", from.user, from.domain),
+        sender_platform: from.platform.clone(),
+        receivers: vec![format!("{to_user}@{to_domain}")],
+        receiver_platform: String::new(),
+        category: "error",
+        kind: code.to_string(),
+    });
 }
 
 /// The node's [`Outbound`]: sends each delivery to the edge of the recipient's platform.

@@ -20,11 +20,11 @@ use commands::Addr;
 use connector::{Connector, ConnectorConfig, ConnectorError};
 use fedrelay_proto::{Address, Envelope, v1};
 use serde_json::{Value, json};
-use session_actor::{Accepted, Ingress, MetadataEntry, MetadataSink, SessionError, SessionId};
+use session_actor::{Accepted, Ingress, MetadataSink, SessionError};
 use state::{TeamsState, TeamsUser};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 pub use inbound::router;
 
@@ -50,13 +50,6 @@ pub struct TeamsEdge {
 const PRESENCE_EVERY: Duration = Duration::from_secs(300);
 /// Teams shows a typing indicator for about 3 s; sending more often is waste.
 const TYPING_EVERY: Duration = Duration::from_secs(3);
-
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// The stable short key of a Teams channel, the user part of its relay address `#<key>`.
 pub fn channel_key(channel_id: &str) -> String {
@@ -176,20 +169,7 @@ impl TeamsEdge {
 
     /// Records a refusal in the metadata log (never content).
     pub(crate) fn record_refusal(&self, from: &Address, to: &Addr, code: &str) {
-        metrics::counter!("fedrelay_policy_refusals_total", "reason" => code.to_string())
-            .increment(1);
-        let recipient = Address::new("unknown", to.domain.clone(), to.user.clone());
-        self.metadata.record(MetadataEntry {
-            at_ms: now_ms(),
-            session_id: Some(SessionId::one_to_one(from, &recipient)),
-            relay_msg_id: String::new(),
-            sender: format!("{}@{}", from.user, from.domain),
-            sender_platform: "teams".into(),
-            receivers: vec![to.to_string()],
-            receiver_platform: String::new(),
-            category: "error",
-            kind: code.to_string(),
-        });
+        crate::edges::record_refusal(self.metadata.as_ref(), from, &to.domain, &to.user, code);
     }
 
     /// A 1:1 envelope from a Teams user.

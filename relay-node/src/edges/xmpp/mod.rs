@@ -28,20 +28,13 @@ use crate::edges::teams::state::{Kv, StateError};
 use codec::Jid;
 use element::Element;
 use fedrelay_proto::{Address, Envelope, v1};
-use session_actor::{
-    Accepted, DeliveryError, Ingress, MetadataEntry, MetadataSink, SessionError, SessionId,
-};
+use session_actor::{Accepted, DeliveryError, Ingress, MetadataSink, SessionError};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tracing::debug;
 
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub(crate) use crate::edges::now_ms;
 
 /// The XMPP edge, shared by its listener and its deliveries.
 pub struct XmppEdge {
@@ -171,20 +164,7 @@ impl XmppEdge {
 
     /// Records a refusal by policy in the metadata log (never content).
     pub(crate) fn record_refusal(&self, from: &Address, to: &Jid, code: &str) {
-        metrics::counter!("fedrelay_policy_refusals_total", "reason" => code.to_string())
-            .increment(1);
-        let recipient = Address::new("unknown", to.domain.clone(), to.local.clone());
-        self.metadata.record(MetadataEntry {
-            at_ms: now_ms(),
-            session_id: Some(SessionId::one_to_one(from, &recipient)),
-            relay_msg_id: String::new(),
-            sender: format!("{}@{}", from.user, from.domain),
-            sender_platform: "xmpp".into(),
-            receivers: vec![to.bare()],
-            receiver_platform: String::new(),
-            category: "error",
-            kind: code.to_string(),
-        });
+        crate::edges::record_refusal(self.metadata.as_ref(), from, &to.domain, &to.local, code);
     }
 
     /// Sends one stanza from a relay domain to a remote domain, without waiting for it.
