@@ -220,8 +220,8 @@ struct RunArgs {
     /// repeatable.
     #[arg(long)]
     grpc_target: Vec<String>,
-    /// With --target: PEM CA certificates to trust for https:// targets (besides the system's)
-    /// and for https:// gRPC targets.
+    /// With --target: PEM CA certificates to trust for https:// targets (besides the system's),
+    /// for https:// gRPC targets, and for the XMPP edge's certificate (--protocol xmpp).
     #[arg(long)]
     tls_ca: Option<PathBuf>,
     /// With --grpc-target https://…: the client certificate (PEM) for the cluster's mTLS.
