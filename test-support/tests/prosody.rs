@@ -277,7 +277,10 @@ async fn clients_and_s2s_with_sasl_external() -> Result<()> {
     tokio::try_join!(alice.quit(), bob.quit(), carol.quit())?;
     let mut a = a;
     let mut b = b;
-    tokio::try_join!(a.stop(), b.stop())?;
+    // One after the other: Prosody 0.12 can hit a Lua error when its s2s peer's
+    // <system-shutdown/> arrives while it is shutting down itself.
+    a.stop().await?;
+    b.stop().await?;
     tracing_times(&[
         ("servers started", started),
         ("logged in", logged_in),
