@@ -71,8 +71,6 @@ async fn handle(edge: Arc<XmppEdge>, tcp: TcpStream, stop: watch::Receiver<bool>
 struct Peer {
     /// Our stream id (dialback keys are bound to it).
     id: String,
-    /// The hosted domain the peer opened the stream to.
-    to: String,
     /// The domain proved by SASL EXTERNAL: every pair (it, hosted domain) is authenticated.
     external: Option<String>,
     /// (remote domain, hosted domain) pairs proved by dialback.
@@ -180,7 +178,6 @@ async fn handshake(
     let long = Duration::from_secs(edge.cfg.handshake_timeout_secs);
     let mut peer = Peer {
         id: String::new(),
-        to: String::new(),
         external: None,
         dialback: HashSet::new(),
     };
@@ -195,11 +192,12 @@ async fn handshake(
                 ));
             }
         };
-        *to_out = h.get("to").unwrap_or("").to_ascii_lowercase();
+        // A stream error's header names us only as a domain we host.
+        *to_out = String::new();
         let to = check_header(edge, &h)?;
+        *to_out = to.clone();
         let from = h.get("from").map(str::to_ascii_lowercase);
         peer.id = stream::new_id();
-        peer.to = to.clone();
         let mut out = stream::header(&to, from.as_deref().unwrap_or(""), Some(&peer.id));
         *header_sent = true;
         let tls = r.io.is_tls();
