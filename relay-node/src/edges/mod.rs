@@ -21,6 +21,28 @@ pub fn declared_too_large(headers: &axum::http::HeaderMap, limit: usize) -> bool
         .is_some_and(|n| n > limit)
 }
 
+/// Hands an edge's envelope to the node's router (set once the router exists), with the
+/// current trace context, and counts what was accepted per edge and kind.
+pub async fn submit(
+    ingress: &std::sync::OnceLock<Arc<dyn session_actor::Ingress>>,
+    edge: &'static str,
+    mut env: Envelope,
+) -> Result<session_actor::Accepted, session_actor::SessionError> {
+    let Some(ingress) = ingress.get() else {
+        return Err(session_actor::SessionError::Unavailable(
+            "the node is starting".into(),
+        ));
+    };
+    env.trace_context = crate::telemetry::current_trace_context();
+    let kind = env.body.as_ref().map(|b| b.kind()).unwrap_or("unknown");
+    let r = ingress.submit(env).await;
+    if r.is_ok() {
+        metrics::counter!("fedrelay_messages_in_total", "edge" => edge, "kind" => kind)
+            .increment(1);
+    }
+    r
+}
+
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()

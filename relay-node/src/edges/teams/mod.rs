@@ -138,18 +138,8 @@ impl TeamsEdge {
         let _ = self.ingress.set(ingress);
     }
 
-    pub(crate) async fn submit(&self, mut env: Envelope) -> Result<Accepted, SessionError> {
-        let Some(ingress) = self.ingress.get() else {
-            return Err(SessionError::Unavailable("the node is starting".into()));
-        };
-        env.trace_context = crate::telemetry::current_trace_context();
-        let kind = env.body.as_ref().map(|b| b.kind()).unwrap_or("unknown");
-        let r = ingress.submit(env).await;
-        if r.is_ok() {
-            metrics::counter!("fedrelay_messages_in_total", "edge" => "teams", "kind" => kind)
-                .increment(1);
-        }
-        r
+    pub(crate) async fn submit(&self, env: Envelope) -> Result<Accepted, SessionError> {
+        crate::edges::submit(&self.ingress, "teams", env).await
     }
 
     pub(crate) fn address_of(u: &TeamsUser) -> Address {

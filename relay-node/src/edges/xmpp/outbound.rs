@@ -136,7 +136,7 @@ impl Pool {
                     .increment(1);
                 s.failures = s.failures.saturating_add(1);
                 let backoff = MIN_BACKOFF
-                    .saturating_mul(1 << s.failures.min(10))
+                    .saturating_mul(1 << (s.failures - 1).min(10))
                     .min(MAX_BACKOFF);
                 s.retry_at = Some(Instant::now() + backoff);
                 debug!(local, remote, code = e.code(), "outgoing s2s stream failed");

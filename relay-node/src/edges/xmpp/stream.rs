@@ -205,10 +205,6 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     pub fn buffered(&self) -> usize {
         self.parser.buffered()
     }
-
-    pub fn into_inner(self) -> R {
-        self.io
-    }
 }
 
 impl Reader<Conn> {
