@@ -56,6 +56,9 @@ pub struct Config {
     /// The XMPP server-to-server edge; needed when a domain has `platform = "xmpp"`.
     #[serde(default)]
     pub xmpp: Option<XmppConfig>,
+    /// The SIP/SIMPLE edge; needed when a domain has `platform = "sip"`.
+    #[serde(default)]
+    pub sip: Option<SipConfig>,
     #[serde(default)]
     pub domains: Vec<DomainConfig>,
     #[serde(default)]
@@ -274,6 +277,8 @@ pub enum Platform {
     Teams,
     /// A remote XMPP server's domain, reached over server-to-server federation.
     Xmpp,
+    /// A remote SIP/SIMPLE domain (Skype for Business, Lync, Cisco…).
+    Sip,
 }
 
 impl Platform {
@@ -282,6 +287,7 @@ impl Platform {
             Platform::Http => "http",
             Platform::Teams => "teams",
             Platform::Xmpp => "xmpp",
+            Platform::Sip => "sip",
         }
     }
 
@@ -291,6 +297,7 @@ impl Platform {
             Platform::Http => "HTTP",
             Platform::Teams => "Teams",
             Platform::Xmpp => "XMPP",
+            Platform::Sip => "SIP",
         }
     }
 }
@@ -348,6 +355,232 @@ pub struct XmppPeer {
     pub address: Option<String>,
     #[serde(default)]
     pub auth: XmppAuth,
+}
+
+/// A SIP transport.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SipTransport {
+    Udp,
+    Tcp,
+    /// TLS over TCP, with certificates checked both ways (RFC 5922).
+    #[default]
+    Tls,
+}
+
+impl SipTransport {
+    /// `UDP`, `TCP`, `TLS`, as in a Via header.
+    pub fn via_name(self) -> &'static str {
+        match self {
+            SipTransport::Udp => "UDP",
+            SipTransport::Tcp => "TCP",
+            SipTransport::Tls => "TLS",
+        }
+    }
+}
+
+/// How instant messages are carried to a SIP domain.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SipImMode {
+    /// Each message is a `MESSAGE` request outside any dialog (RFC 3428).
+    #[default]
+    Page,
+    /// An `INVITE` for an IM session first, then `MESSAGE` requests inside its dialog, as
+    /// Skype for Business and Lync expect.
+    Session,
+}
+
+/// One remote SIP domain's peering.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SipPeer {
+    pub domain: String,
+    /// `host:port` to send to, instead of the NAPTR/SRV lookup.
+    pub address: Option<String>,
+    /// The transport to reach it over (and the only one it may send over, unless `sources`
+    /// lets it use UDP/TCP from known addresses).
+    #[serde(default)]
+    pub transport: SipTransport,
+    /// Addresses (IPs or CIDR blocks) allowed to send for this domain over UDP or TCP, where
+    /// no certificate proves the domain. Without them, only TLS with a certificate valid for
+    /// the domain is believed, or the IP of `address` when the transport is UDP or TCP.
+    #[serde(default)]
+    pub sources: Vec<String>,
+    /// Credentials for the peer's digest challenges (401/407).
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// Answer MD5 challenges (RFC 8760 prefers SHA-256; MD5 only for old peers).
+    #[serde(default)]
+    pub allow_md5: bool,
+    #[serde(default)]
+    pub im_mode: SipImMode,
+}
+
+impl SipPeer {
+    /// The digest password, from the config or its file.
+    pub fn password(&self) -> Result<Option<String>, ConfigError> {
+        match (&self.password, &self.password_file) {
+            (Some(s), _) => Ok(Some(s.clone())),
+            (None, Some(p)) => {
+                let raw = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.clone(),
+                    source,
+                })?;
+                Ok(Some(raw.trim_end_matches(['\r', '\n']).to_string()))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// The SIP/SIMPLE edge (RFC 3261, 3428, 3856, 3863, 3994).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SipConfig {
+    /// Where peers send over UDP, TCP and TLS; a transport without an address is off.
+    pub udp: Option<SocketAddr>,
+    pub tcp: Option<SocketAddr>,
+    pub tls: Option<SocketAddr>,
+    /// The host the relay names in Via and Contact headers (its public name); the address
+    /// of the listener when unset.
+    pub host: Option<String>,
+    /// The certificate (PEM chain) for the relay's domains, presented to peers connecting
+    /// over TLS and as client certificate when the relay connects.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) trusted for peers' certificates; the system's roots if unset.
+    pub tls_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub peers: Vec<SipPeer>,
+    /// The largest message accepted, in bytes.
+    #[serde(default = "default_sip_max")]
+    pub max_message_bytes: usize,
+    /// Requests per second each source IP may send, and the burst above it; over the rate a
+    /// request gets 503 with Retry-After.
+    #[serde(default = "default_sip_rate")]
+    pub rate_per_source: u32,
+    #[serde(default = "default_sip_burst")]
+    pub burst_per_source: u32,
+    /// RFC 3261's T1 (the round-trip estimate behind retransmissions and timeouts), in ms.
+    #[serde(default = "default_sip_t1")]
+    pub t1_ms: u64,
+    /// The longest presence subscription granted, in seconds.
+    #[serde(default = "default_sip_expires")]
+    pub max_subscription_secs: u32,
+    /// Connecting to a peer over TCP or TLS, handshake included.
+    #[serde(default = "default_xmpp_connect")]
+    pub connect_timeout_secs: u64,
+    /// A DNS server (`ip:port`) for NAPTR/SRV lookups instead of the system's.
+    pub dns_server: Option<SocketAddr>,
+}
+
+fn default_sip_max() -> usize {
+    65_535
+}
+fn default_sip_rate() -> u32 {
+    2_000
+}
+fn default_sip_burst() -> u32 {
+    4_000
+}
+fn default_sip_t1() -> u64 {
+    500
+}
+fn default_sip_expires() -> u32 {
+    3_600
+}
+
+impl SipConfig {
+    /// The peering of `domain`, if listed.
+    pub fn peer(&self, domain: &str) -> Option<&SipPeer> {
+        self.peers
+            .iter()
+            .find(|p| p.domain.eq_ignore_ascii_case(domain))
+    }
+
+    fn validate(&self, domains: &[DomainConfig]) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(format!("sip: {m}")));
+        if self.udp.is_none() && self.tcp.is_none() && self.tls.is_none() {
+            return bad("set at least one of `udp`, `tcp` and `tls`".into());
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return bad("give both `tls_cert` and `tls_key`, or neither".into());
+        }
+        let uses_tls =
+            self.tls.is_some() || self.peers.iter().any(|p| p.transport == SipTransport::Tls);
+        if uses_tls && self.tls_cert.is_none() {
+            return bad(
+                "TLS (a `tls` listener or a peer on TLS) needs `tls_cert` and `tls_key`".into(),
+            );
+        }
+        if self.max_message_bytes < 1_500 || self.t1_ms == 0 || self.max_subscription_secs < 60 {
+            return bad("`max_message_bytes` must be at least 1500, `t1_ms` positive and `max_subscription_secs` at least 60".into());
+        }
+        if self.rate_per_source == 0 || self.burst_per_source == 0 || self.connect_timeout_secs == 0
+        {
+            return bad("rates, bursts and timeouts must be positive".into());
+        }
+        let mut seen = HashSet::new();
+        for p in &self.peers {
+            let name = p.domain.to_ascii_lowercase();
+            if !seen.insert(name.clone()) {
+                return bad(format!("peer `{}` is listed twice", p.domain));
+            }
+            if !domains
+                .iter()
+                .any(|d| d.platform == Platform::Sip && d.name.eq_ignore_ascii_case(&name))
+            {
+                return bad(format!(
+                    "peer `{}` is not a declared domain with platform = \"sip\"",
+                    p.domain
+                ));
+            }
+            if let Some(a) = &p.address
+                && a.rsplit_once(':')
+                    .is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err())
+            {
+                return bad(format!(
+                    "peer `{}`: address `{a}` must be host:port",
+                    p.domain
+                ));
+            }
+            if p.password.is_some() && p.password_file.is_some() {
+                return bad(format!(
+                    "peer `{}`: give `password` or `password_file`, not both",
+                    p.domain
+                ));
+            }
+            if (p.password.is_some() || p.password_file.is_some()) != p.username.is_some() {
+                return bad(format!(
+                    "peer `{}`: digest credentials need both `username` and a password",
+                    p.domain
+                ));
+            }
+            for s in &p.sources {
+                if crate::edges::sip::net::IpNet::parse(s).is_none() {
+                    return bad(format!(
+                        "peer `{}`: source `{s}` is not an IP address or CIDR block",
+                        p.domain
+                    ));
+                }
+            }
+            let needs = match p.transport {
+                SipTransport::Udp => self.udp.is_none(),
+                SipTransport::Tcp => self.tcp.is_none(),
+                SipTransport::Tls => self.tls.is_none(),
+            };
+            if needs {
+                return bad(format!(
+                    "peer `{}` uses {}, but the relay has no listener for it",
+                    p.domain,
+                    p.transport.via_name()
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The XMPP edge: server-to-server federation (RFC 6120/6121) for the relay's domains.
@@ -820,6 +1053,9 @@ impl Config {
         if let Some(x) = &self.xmpp {
             x.validate(&self.domains)?;
         }
+        if let Some(x) = &self.sip {
+            x.validate(&self.domains)?;
+        }
         for d in &self.domains {
             let name = d.name.to_ascii_lowercase();
             if !valid_domain(&name) {
@@ -859,21 +1095,30 @@ impl Config {
                 }
                 continue;
             }
-            if d.platform == Platform::Xmpp {
+            if matches!(d.platform, Platform::Xmpp | Platform::Sip) {
+                let (label, section) = match d.platform {
+                    Platform::Xmpp => ("an XMPP", "xmpp"),
+                    _ => ("a SIP", "sip"),
+                };
                 if d.secret.is_some()
                     || d.secret_file.is_some()
                     || d.webhook_url.is_some()
                     || d.tenant_id.is_some()
                 {
                     return bad(format!(
-                        "domain `{}`: an XMPP domain has no `secret`, `webhook_url` or `tenant_id`; its peering is in [xmpp]",
+                        "domain `{}`: {label} domain has no `secret`, `webhook_url` or `tenant_id`; its peering is in [{section}]",
                         d.name
                     ));
                 }
-                if self.xmpp.is_none() {
+                let missing = match d.platform {
+                    Platform::Xmpp => self.xmpp.is_none(),
+                    _ => self.sip.is_none(),
+                };
+                if missing {
                     return bad(format!(
-                        "domain `{}` is on XMPP, but there is no [xmpp] section",
-                        d.name
+                        "domain `{}` is on {}, but there is no [{section}] section",
+                        d.name,
+                        d.platform.label()
                     ));
                 }
                 continue;
@@ -1489,6 +1734,88 @@ between = ["a.example", "b.example"]
             load(&format!("{XMPP}starttls = false\n")),
             Err(ConfigError::Parse(_))
         ));
+    }
+
+    const SIP: &str = "[sip]\nudp = \"127.0.0.1:5060\"\n";
+    const SIP_DOMAIN: &str = "[[domains]]\nname = \"sfb.example\"\nplatform = \"sip\"\n";
+
+    #[test]
+    fn sip_peers_and_their_defaults() -> Result<(), ConfigError> {
+        let c = load(&format!(
+            "{SIP}[[sip.peers]]\ndomain = \"SFB.example\"\ntransport = \"udp\"\naddress = \"10.0.0.5:5060\"\nsources = [\"10.0.0.0/24\"]\nusername = \"relay\"\npassword = \"pw\"\nim_mode = \"session\"\n{SIP_DOMAIN}"
+        ))?;
+        let x = c
+            .sip
+            .as_ref()
+            .ok_or(ConfigError::Invalid("no sip".into()))?;
+        assert_eq!(x.t1_ms, 500);
+        assert_eq!(x.max_message_bytes, 65_535);
+        assert_eq!(x.max_subscription_secs, 3_600);
+        let p = x
+            .peer("sfb.example")
+            .ok_or(ConfigError::Invalid("no peer".into()))?;
+        assert_eq!(p.transport, SipTransport::Udp);
+        assert_eq!(p.im_mode, SipImMode::Session);
+        assert!(!p.allow_md5);
+        assert_eq!(p.password()?, Some("pw".to_string()));
+        assert!(x.peer("other.example").is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn invalid_sip_configs_are_refused() {
+        for (extra, why) in [
+            (SIP_DOMAIN.to_string(), "no [sip] section"),
+            (
+                "[sip]\n".to_string(),
+                "at least one of `udp`, `tcp` and `tls`",
+            ),
+            (
+                format!(
+                    "{SIP}[[sip.peers]]\ndomain = \"a.example\"\ntransport = \"udp\"\n{SIP_DOMAIN}"
+                ),
+                "not a declared domain with platform = \"sip\"",
+            ),
+            (
+                format!("{SIP}[[sip.peers]]\ndomain = \"sfb.example\"\n{SIP_DOMAIN}"),
+                "needs `tls_cert` and `tls_key`",
+            ),
+            (
+                format!(
+                    "{SIP}[[sip.peers]]\ndomain = \"sfb.example\"\ntransport = \"tcp\"\n{SIP_DOMAIN}"
+                ),
+                "no listener for it",
+            ),
+            (
+                format!(
+                    "{SIP}[[sip.peers]]\ndomain = \"sfb.example\"\ntransport = \"udp\"\nsources = [\"somewhere\"]\n{SIP_DOMAIN}"
+                ),
+                "not an IP address or CIDR block",
+            ),
+            (
+                format!(
+                    "{SIP}[[sip.peers]]\ndomain = \"sfb.example\"\ntransport = \"udp\"\nusername = \"u\"\n{SIP_DOMAIN}"
+                ),
+                "need both `username` and a password",
+            ),
+            (
+                format!(
+                    "{SIP}[[sip.peers]]\ndomain = \"sfb.example\"\ntransport = \"udp\"\naddress = \"nohost\"\n{SIP_DOMAIN}"
+                ),
+                "must be host:port",
+            ),
+            (format!("{SIP}t1_ms = 0\n"), "`t1_ms` positive"),
+            (format!("{SIP}rate_per_source = 0\n"), "must be positive"),
+            (
+                format!("{SIP_DOMAIN}secret = \"0123456789abcdef\"\n{SIP}"),
+                "has no `secret`",
+            ),
+        ] {
+            match load(&extra) {
+                Err(ConfigError::Invalid(m)) => assert!(m.contains(why), "{why}: {m}"),
+                other => panic!("{why}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -31,7 +31,8 @@ enum Command {
     /// Validate a config file (and its environment overrides) and exit.
     CheckConfig {
         file: PathBuf,
-        /// Do not read the files that `secret_file` and `app_password_file` name (they exist
+        /// Do not read the files that `secret_file`, `app_password_file`,
+        /// `dialback_secret_file` and the SIP peers' `password_file` name (they exist
         /// only where the node runs, e.g. Secrets mounted into a pod); validate the rest.
         #[arg(long)]
         skip_secret_files: bool,
@@ -149,6 +150,12 @@ fn run() -> anyhow::Result<()> {
             cfg.secrets()?;
             if let Some(t) = &cfg.teams {
                 t.password()?;
+            }
+            if let Some(x) = &cfg.xmpp {
+                x.dialback_secret()?;
+            }
+            for p in cfg.sip.iter().flat_map(|s| &s.peers) {
+                p.password()?;
             }
         }
         println!(

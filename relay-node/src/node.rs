@@ -14,6 +14,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{ClusterConfig, Config, MembershipKind, StoreBackend, StoreConfig};
 use crate::control::metadata::MetadataLog;
 use crate::control::policy::Policy;
+use crate::edges::sip::SipEdge;
 use crate::edges::teams::state::{MemoryKv, RedisKv, TeamsState};
 use crate::edges::teams::{self, TeamsEdge};
 use crate::edges::xmpp::{self, XmppEdge};
@@ -53,6 +54,7 @@ pub async fn run(
         presence: presence_store,
         teams_kv,
         xmpp_kv,
+        sip_kv,
     } = open_stores(&cfg)?;
     let metadata_sink: Arc<dyn MetadataSink> = Arc::new(metadata.clone());
 
@@ -68,10 +70,12 @@ pub async fn run(
         metadata_sink.clone(),
     )?;
     let xmpp = XmppEdge::from_config(&cfg, xmpp_kv, policy.clone(), metadata_sink.clone())?;
+    let sip = SipEdge::from_config(&cfg, sip_kv, policy.clone(), metadata_sink.clone())?;
     let edges: Arc<Edges> = Arc::new(Edges {
         http: http_out,
         teams: teams.clone(),
         xmpp: xmpp.clone(),
+        sip: sip.clone(),
     });
     let deps = SessionDeps {
         store: store.clone(),
@@ -150,6 +154,9 @@ pub async fn run(
     if let Some(x) = &xmpp {
         x.set_ingress(router.clone());
     }
+    if let Some(x) = &sip {
+        x.set_ingress(router.clone());
+    }
 
     let inbound = Arc::new(http::Inbound {
         domains,
@@ -191,6 +198,16 @@ pub async fn run(
             )))
         }
         _ => None,
+    };
+    let sip_tasks = match &sip {
+        Some(x) => {
+            let l = x.bind().await.context("binding the sip edge")?;
+            for (t, a) in x.local_addrs() {
+                info!(transport = t.via_name(), sip = %a, "sip listening");
+            }
+            x.serve(l, stop_rx.clone())
+        }
+        None => Vec::new(),
     };
     let http_server = tokio::spawn(serve::serve(
         http_listener,
@@ -243,6 +260,9 @@ pub async fn run(
         && tokio::time::timeout_at(deadline.into(), x).await.is_err()
     {
         warn!("xmpp streams did not close before the drain deadline");
+    }
+    for t in sip_tasks {
+        let _ = tokio::time::timeout_at(deadline.into(), t).await;
     }
     if clustered {
         // Envelopes peers still send here are forwarded to the new owners meanwhile.
@@ -369,6 +389,7 @@ struct Stores {
     presence: Arc<dyn PresenceStore>,
     teams_kv: Box<dyn teams::state::Kv>,
     xmpp_kv: Box<dyn teams::state::Kv>,
+    sip_kv: Box<dyn teams::state::Kv>,
 }
 
 fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
@@ -383,6 +404,7 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
                 presence: Arc::new(MemoryPresenceStore::default()),
                 teams_kv: Box::<MemoryKv>::default(),
                 xmpp_kv: Box::<MemoryKv>::default(),
+                sip_kv: Box::<MemoryKv>::default(),
             }
         }
         StoreBackend::Redis => {
@@ -401,6 +423,7 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
             let presence = RedisPresenceStore::new(store.connection(), &cfg.store.key_prefix);
             let teams_kv = Box::new(RedisKv::new(store.connection()));
             let xmpp_kv = Box::new(RedisKv::new(store.connection()));
+            let sip_kv = Box::new(RedisKv::new(store.connection()));
             Stores {
                 store: Arc::new(store),
                 outbox: Arc::new(outbox),
@@ -409,6 +432,7 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
                 presence: Arc::new(presence),
                 teams_kv,
                 xmpp_kv,
+                sip_kv,
             }
         }
     })

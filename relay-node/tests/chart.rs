@@ -327,6 +327,84 @@ fn egress_ports_to(docs: &[Value], to: &Value) -> Result<BTreeSet<i64>> {
         .collect())
 }
 
+/// The (port, protocol) pairs the relay pods' NetworkPolicy lets them reach, for rules limited
+/// by `to` peers equal to `to`.
+fn egress_port_protocols_to(docs: &[Value], to: &Value) -> Result<BTreeSet<(i64, String)>> {
+    let np = find(docs, "NetworkPolicy", &fullname())?;
+    Ok(np["spec"]["egress"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|rule| &rule["to"] == to)
+        .flat_map(|rule| rule["ports"].as_array().into_iter().flatten())
+        .filter_map(|p| Some((p["port"].as_i64()?, p["protocol"].as_str()?.to_string())))
+        .collect())
+}
+
+/// The SIP transports, their relay.toml keys and Kubernetes protocols.
+const SIP_TRANSPORTS: [(&str, &str); 3] = [("udp", "UDP"), ("tcp", "TCP"), ("tls", "TCP")];
+
+/// What the chart renders for the SIP edge: the `sip-*` container ports and the `-sip`
+/// Service's ports, each as (name, port, protocol), and the relay pods' NetworkPolicy ingress
+/// rule that admits to those container ports.
+struct SipRendering<'a> {
+    container_ports: BTreeSet<(String, i64, String)>,
+    service: Option<&'a Value>,
+    service_ports: BTreeSet<(String, i64, String)>,
+    ingress_rule: Option<&'a Value>,
+}
+
+fn sip_rendering(docs: &[Value]) -> Result<SipRendering<'_>> {
+    let sts = find(docs, "StatefulSet", &fullname())?;
+    let triple = |p: &Value, port: &str| -> Option<(String, i64, String)> {
+        Some((
+            p["name"].as_str()?.to_string(),
+            p[port].as_i64()?,
+            p["protocol"].as_str()?.to_string(),
+        ))
+    };
+    let container_ports: BTreeSet<(String, i64, String)> = relay_container(sts)?["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("sip")))
+        .filter_map(|p| triple(p, "containerPort"))
+        .collect();
+    let service = docs
+        .iter()
+        .find(|d| kind(d) == "Service" && name(d) == format!("{}-sip", fullname()));
+    let mut service_ports = BTreeSet::new();
+    if let Some(svc) = service {
+        for p in svc["spec"]["ports"].as_array().into_iter().flatten() {
+            ensure!(
+                p["targetPort"] == p["name"],
+                "the SIP Service's port {p} does not target the container port of its name"
+            );
+            service_ports.extend(triple(p, "port"));
+        }
+    }
+    let ingress_rule = docs
+        .iter()
+        .find(|d| kind(d) == "NetworkPolicy" && name(d) == fullname())
+        .and_then(|np| {
+            np["spec"]["ingress"].as_array()?.iter().find(|r| {
+                r["ports"].as_array().is_some_and(|ps| {
+                    ps.iter().any(|p| {
+                        container_ports
+                            .iter()
+                            .any(|(_, port, pr)| p["port"] == *port && p["protocol"] == pr.as_str())
+                    })
+                })
+            })
+        });
+    Ok(SipRendering {
+        container_ports,
+        service,
+        service_ports,
+        ingress_rule,
+    })
+}
+
 #[test]
 fn helm_lint_passes_with_the_default_values_and_every_ci_file() -> Result<()> {
     for (case, values) in cases()? {
@@ -1125,6 +1203,517 @@ fn the_xmpp_variant_runs_the_edge_with_its_secrets_mounted() -> Result<()> {
     Ok(())
 }
 
+/// The SIP variant (`ci/sip.yaml`) runs the edge: relay.toml's `[sip]` listens on the enabled
+/// transports' container ports, which the `-sip` Service exposes on the same ports and
+/// protocols (Via and Contact name them), keeping peers' source addresses; `host` is the public
+/// name; the certificate, key, peers' CA and the digest passwords are files mounted read-only
+/// from the Secrets and keys the values give; it carries the limits that are set (only those)
+/// and the peers as given; `check-config` accepts it; the NetworkPolicy lets `sipFrom` in on
+/// those ports and the pods out to `sipPorts` and the peers' ports over their transports. The
+/// same values with the edge off fail to render, because of their SIP domains.
+#[test]
+fn the_sip_variant_runs_the_edge_with_its_secrets_mounted() -> Result<()> {
+    let values_file = chart().join("ci/sip.yaml");
+    let values: Value = serde_norway::from_str(&std::fs::read_to_string(&values_file)?)?;
+    let defaults: Value =
+        serde_norway::from_str(&std::fs::read_to_string(chart().join("values.yaml"))?)?;
+    let x = &values["sip"];
+    let default = |path: &[&str]| {
+        let mut v = &defaults["sip"];
+        for p in path {
+            v = &v[*p];
+        }
+        v.clone()
+    };
+    let value = |path: &[&str]| {
+        let mut v = x;
+        for p in path {
+            v = &v[*p];
+        }
+        if v.is_null() {
+            default(path)
+        } else {
+            v.clone()
+        }
+    };
+    let docs = render("ci/sip.yaml", Some(&values_file))?;
+    let text = relay_toml(&docs)?;
+    let toml = toml_table(&text)?;
+    let sip = toml
+        .get("sip")
+        .and_then(toml::Value::as_table)
+        .context("relay.toml has no [sip]")?;
+    let sts = find(&docs, "StatefulSet", &fullname())?;
+    let spec = &sts["spec"]["template"]["spec"];
+    let relay = relay_container(sts)?;
+    let string = |k: &str| {
+        sip.get(k)
+            .and_then(toml::Value::as_str)
+            .with_context(|| format!("relay.toml has no string sip.{k}"))
+    };
+
+    // The defaults: TLS on 5061 only, as Skype for Business federates.
+    ensure!(
+        default(&["enabled"]) == false
+            && default(&["tls", "enabled"]) == true
+            && default(&["tls", "port"]) == 5061
+            && default(&["udp", "enabled"]) == false
+            && default(&["udp", "port"]) == 5060
+            && default(&["tcp", "enabled"]) == false
+            && default(&["tcp", "port"]) == 5060
+            && default(&["service", "externalTrafficPolicy"]) == "Local"
+            && defaults["networkPolicy"]["egress"]["sipPorts"] == serde_json::json!([5060, 5061]),
+        "values.yaml's SIP defaults changed: {}",
+        defaults["sip"]
+    );
+
+    // The listeners: the enabled transports on their ports, the others off; the container and
+    // the Service expose them, on the same port numbers and protocols.
+    let mut want_ports = BTreeSet::new();
+    let mut enabled = 0;
+    for (t, protocol) in SIP_TRANSPORTS {
+        if value(&[t, "enabled"]) == true {
+            let port = value(&[t, "port"])
+                .as_i64()
+                .with_context(|| format!("no sip.{t}.port"))?;
+            ensure!(
+                string(t)? == format!("0.0.0.0:{port}"),
+                "sip.{t} is {}",
+                string(t)?
+            );
+            want_ports.insert((format!("sip-{t}"), port, protocol.to_string()));
+            enabled += 1;
+        } else {
+            ensure!(sip.get(t).is_none(), "sip.{t} listens, but it is off");
+        }
+    }
+    ensure!(
+        (2..3).contains(&enabled),
+        "the ci file should turn on two transports"
+    );
+    let r = sip_rendering(&docs)?;
+    ensure!(
+        r.container_ports == want_ports,
+        "the relay container's SIP ports are {:?}, not {want_ports:?}",
+        r.container_ports
+    );
+    ensure!(
+        r.service_ports == want_ports,
+        "the SIP Service's ports are {:?}, not {want_ports:?}",
+        r.service_ports
+    );
+    let svc = r.service.context("no SIP Service")?;
+    ensure!(
+        svc["spec"]["type"] == "LoadBalancer"
+            && svc["spec"]["externalTrafficPolicy"] == "Local"
+            && svc["spec"]["publishNotReadyAddresses"].is_null(),
+        "the SIP Service is {}",
+        svc["spec"]
+    );
+    ensure!(
+        svc["metadata"]["annotations"] == x["service"]["annotations"],
+        "the SIP Service's annotations are {}",
+        svc["metadata"]["annotations"]
+    );
+    ensure!(
+        Some(string("host")?) == x["host"].as_str(),
+        "sip.host is {}",
+        string("host")?
+    );
+
+    // Certificate, key, peers' CA and digest passwords: files from the values' Secrets and keys.
+    let tls_secret = value(&["tls", "secretName"]);
+    let mut files = vec![
+        (
+            "sip.tls_cert".to_string(),
+            string("tls_cert")?.to_string(),
+            tls_secret.clone(),
+            Value::from("tls.crt"),
+        ),
+        (
+            "sip.tls_key".to_string(),
+            string("tls_key")?.to_string(),
+            tls_secret.clone(),
+            Value::from("tls.key"),
+        ),
+        (
+            "sip.tls_ca".to_string(),
+            string("tls_ca")?.to_string(),
+            value(&["tls", "caSecretName"]),
+            value(&["tls", "caKey"]),
+        ),
+    ];
+    let peers: Vec<&toml::Value> = sip
+        .get("peers")
+        .and_then(toml::Value::as_array)
+        .into_iter()
+        .flatten()
+        .collect();
+    let want_peers = x["peers"]
+        .as_array()
+        .context("the ci file has no sip.peers")?;
+    ensure!(
+        peers.len() == want_peers.len() && want_peers.len() >= 2,
+        "[[sip.peers]] {peers:?}, the values give {want_peers:?}"
+    );
+    let mut with_password = 0;
+    for (got, want) in peers.iter().zip(want_peers) {
+        let domain = want["domain"].as_str().context("a peer without domain")?;
+        let s = |k: &str| got.get(k).and_then(toml::Value::as_str);
+        ensure!(
+            s("domain") == Some(domain)
+                && s("address") == want["address"].as_str()
+                && s("transport") == Some(want["transport"].as_str().unwrap_or("tls"))
+                && s("username") == want["username"].as_str()
+                && s("im_mode") == want["imMode"].as_str()
+                && got.get("allow_md5").and_then(toml::Value::as_bool)
+                    == want["allowMd5"].as_bool().filter(|b| *b),
+            "[[sip.peers]] {got:?}, the values give {want}"
+        );
+        let sources: Vec<&str> = got
+            .get("sources")
+            .and_then(toml::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(toml::Value::as_str)
+            .collect();
+        let want_sources: Vec<&str> = want["sources"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        ensure!(
+            sources == want_sources,
+            "{domain}: sources {sources:?}, the values give {want_sources:?}"
+        );
+        ensure!(
+            got.get("password").is_none(),
+            "{domain}: an inline password in the ConfigMap"
+        );
+        let secret = &want["passwordSecret"];
+        if secret.is_null() {
+            ensure!(
+                got.get("password_file").is_none(),
+                "{domain}: a password file without passwordSecret"
+            );
+        } else {
+            let key = match &secret["key"] {
+                Value::Null => Value::from(domain),
+                k => k.clone(),
+            };
+            files.push((
+                format!("sip.peers[{domain}].password_file"),
+                s("password_file")
+                    .with_context(|| format!("{domain}: no password_file"))?
+                    .to_string(),
+                secret["secretName"].clone(),
+                key,
+            ));
+            with_password += 1;
+        }
+    }
+    ensure!(
+        with_password == 1,
+        "the ci file should give one peer digest credentials"
+    );
+    ensure!(
+        want_peers
+            .iter()
+            .any(|p| p["transport"].is_null() && p["address"].is_string())
+            && want_peers
+                .iter()
+                .any(|p| p["transport"] == "udp" && p["sources"].is_array()),
+        "the ci file should have a peer on TLS (the default) and one on UDP with sources"
+    );
+    for (what, path, secret, secret_key) in &files {
+        let (want_secret, want_key) = secret
+            .as_str()
+            .zip(secret_key.as_str())
+            .with_context(|| format!("the ci file gives no Secret for {what}"))?;
+        let (got_secret, got_key) =
+            mounted_secret(spec, relay, path).with_context(|| what.clone())?;
+        ensure!(
+            got_secret == want_secret && got_key == want_key,
+            "{what} = {path} is {got_secret}/{got_key} in the pod, not {want_secret}/{want_key}"
+        );
+    }
+
+    // The limits given, and no other.
+    let mut set = 0;
+    for (value, key) in [
+        ("maxMessageBytes", "max_message_bytes"),
+        ("ratePerSource", "rate_per_source"),
+        ("burstPerSource", "burst_per_source"),
+        ("t1Ms", "t1_ms"),
+        ("maxSubscriptionSecs", "max_subscription_secs"),
+        ("connectTimeoutSecs", "connect_timeout_secs"),
+    ] {
+        ensure!(default(&[value]).is_null(), "values.yaml sets sip.{value}");
+        let got = sip.get(key).map(|v| v.as_integer());
+        ensure!(
+            got == x[value].as_i64().map(Some),
+            "sip.{key} is {got:?}, the values give {}",
+            x[value]
+        );
+        set += usize::from(got.is_some());
+    }
+    ensure!(
+        (1..6).contains(&set),
+        "the ci file should set some limits and leave others"
+    );
+    ensure!(
+        sip.get("dns_server").is_none(),
+        "[sip] has keys no value asked for: {sip:?}"
+    );
+    // A SIP domain is a name and a platform: no secret, delivery or tenant.
+    let sip_domains: Vec<&toml::Value> = toml
+        .get("domains")
+        .and_then(toml::Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|d| d.get("platform").and_then(toml::Value::as_str) == Some("sip"))
+        .collect();
+    ensure!(
+        sip_domains.len() == want_peers.len()
+            && sip_domains
+                .iter()
+                .all(|d| d.as_table().is_some_and(|t| t.len() == 2)),
+        "the SIP domains in relay.toml: {sip_domains:?}"
+    );
+
+    // check-config accepts it, and does check the edge: without [sip] the same file is refused,
+    // and so it is without the UDP listener the UDP peer needs.
+    let env = pod_env(sts)?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("relay.toml");
+    std::fs::write(&file, &text)?;
+    let out = check_config(&file, &env, true)?;
+    ensure!(
+        out.status.success() && output_text(&out).contains(": ok ("),
+        "relay-node check-config refuses the SIP variant:\n{}\n{text}",
+        output_text(&out)
+    );
+    let without: Vec<&str> = text
+        .split("\n\n")
+        .filter(|block| !block.starts_with("[sip]") && !block.starts_with("[[sip.peers]]"))
+        .collect();
+    ensure!(without.len() + 1 + want_peers.len() == text.split("\n\n").count());
+    let no_edge = dir.path().join("no-edge.toml");
+    std::fs::write(&no_edge, without.join("\n\n"))?;
+    let out = check_config(&no_edge, &env, true)?;
+    ensure!(
+        !out.status.success() && output_text(&out).contains("no [sip] section"),
+        "check-config took SIP domains without [sip]:\n{}",
+        output_text(&out)
+    );
+    let no_udp: Vec<&str> = text.lines().filter(|l| !l.starts_with("udp = ")).collect();
+    ensure!(no_udp.len() + 1 == text.lines().count());
+    let no_udp_file = dir.path().join("no-udp.toml");
+    std::fs::write(&no_udp_file, no_udp.join("\n"))?;
+    let out = check_config(&no_udp_file, &env, true)?;
+    ensure!(
+        !out.status.success() && output_text(&out).contains("no listener"),
+        "check-config took a UDP peer without the UDP listener:\n{}",
+        output_text(&out)
+    );
+
+    // NetworkPolicy: networkPolicy.sipFrom in on exactly the enabled transports' ports; out to
+    // networkPolicy.egress.sipPorts over UDP and TCP (both transports are on), and to the port of
+    // every sip.peers[].address over that peer's transport only.
+    let rule = r
+        .ingress_rule
+        .context("no NetworkPolicy ingress rule for the SIP edge")?;
+    let rule_ports: BTreeSet<(i64, String)> = rule["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| Some((p["port"].as_i64()?, p["protocol"].as_str()?.to_string())))
+        .collect();
+    let want_rule: BTreeSet<(i64, String)> = want_ports
+        .iter()
+        .map(|(_, p, pr)| (*p, pr.clone()))
+        .collect();
+    ensure!(
+        rule_ports == want_rule,
+        "the SIP ingress rule's ports are {rule_ports:?}, not {want_rule:?}"
+    );
+    let sip_from = &values["networkPolicy"]["sipFrom"];
+    ensure!(
+        sip_from.as_array().is_some_and(|f| !f.is_empty()) && &rule["from"] == sip_from,
+        "the SIP ingress rule admits {}, networkPolicy.sipFrom is {sip_from}",
+        rule["from"]
+    );
+    let ports = egress_port_protocols_to(&docs, &Value::Null)?;
+    let mut want_egress = BTreeSet::new();
+    for p in values["networkPolicy"]["egress"]["sipPorts"]
+        .as_array()
+        .context("the ci file has no networkPolicy.egress.sipPorts")?
+    {
+        let p = p.as_i64().context("a sipPorts entry is not a port")?;
+        want_egress.insert((p, "TCP".to_string()));
+        want_egress.insert((p, "UDP".to_string()));
+    }
+    let mut not_wanted = BTreeSet::new();
+    for p in want_peers {
+        if let Some(port) = p["address"]
+            .as_str()
+            .and_then(|a| a.rsplit_once(':')?.1.parse::<i64>().ok())
+        {
+            let udp = p["transport"] == "udp";
+            want_egress.insert((port, if udp { "UDP" } else { "TCP" }.to_string()));
+            if !want_egress.contains(&(port, if udp { "TCP" } else { "UDP" }.to_string())) {
+                not_wanted.insert((port, if udp { "TCP" } else { "UDP" }.to_string()));
+            }
+        }
+    }
+    ensure!(
+        want_egress.len() >= 7 && want_egress.is_subset(&ports),
+        "egress to SIP peers on {ports:?}, not all of {want_egress:?}"
+    );
+    ensure!(
+        !not_wanted.is_empty() && not_wanted.is_disjoint(&ports),
+        "egress to a peer's port over a transport it does not use: {ports:?}"
+    );
+
+    // The same values with the edge off: refused, naming the SIP domains.
+    match template(Some(&values_file), &["sip.enabled=false"])? {
+        Ok(_) => bail!("SIP domains rendered with sip.enabled=false"),
+        Err(e) => ensure!(
+            e.contains("sfb.partner.example") && e.contains("sip.enabled=true"),
+            "{e}"
+        ),
+    }
+    Ok(())
+}
+
+/// The SIP Service, container ports and NetworkPolicy rule follow the transports turned on,
+/// each with its protocol (UDP and TCP on one Service); externalTrafficPolicy is rendered for
+/// a LoadBalancer or NodePort only; a DNS server on another port opens that port.
+#[test]
+fn the_sip_service_exposes_the_enabled_transports() -> Result<()> {
+    let base = [
+        "sip.enabled=true",
+        "sip.host=sip.contoso.example",
+        "sip.tls.secretName=sip-tls",
+        "networkPolicy.enabled=true",
+    ];
+    // (more --set values, the SIP ports: name, port, protocol)
+    type Case = (
+        &'static [&'static str],
+        &'static [(&'static str, i64, &'static str)],
+    );
+    let cases: [Case; 4] = [
+        (&[], &[("sip-tls", 5061, "TCP")]),
+        (
+            &["sip.udp.enabled=true", "sip.tcp.enabled=true"],
+            &[
+                ("sip-udp", 5060, "UDP"),
+                ("sip-tcp", 5060, "TCP"),
+                ("sip-tls", 5061, "TCP"),
+            ],
+        ),
+        (
+            &["sip.tls.enabled=false", "sip.tcp.enabled=true"],
+            &[("sip-tcp", 5060, "TCP")],
+        ),
+        (
+            &[
+                "sip.tls.enabled=false",
+                "sip.udp.enabled=true",
+                "sip.udp.port=15060",
+                "sip.service.type=ClusterIP",
+            ],
+            &[("sip-udp", 15060, "UDP")],
+        ),
+    ];
+    for (sets, want) in cases {
+        let all: Vec<&str> = base.iter().chain(sets).copied().collect();
+        let yaml =
+            template(None, &all)?.map_err(|e| anyhow::anyhow!("{all:?} did not render:\n{e}"))?;
+        let docs = documents(&yaml)?;
+        let want: BTreeSet<(String, i64, String)> = want
+            .iter()
+            .map(|(n, p, pr)| (n.to_string(), *p, pr.to_string()))
+            .collect();
+        let r = sip_rendering(&docs)?;
+        ensure!(
+            r.container_ports == want && r.service_ports == want,
+            "{sets:?}: container ports {:?}, Service ports {:?}, not {want:?}",
+            r.container_ports,
+            r.service_ports
+        );
+        let svc = r
+            .service
+            .with_context(|| format!("{sets:?}: no SIP Service"))?;
+        let cluster_ip = sets.contains(&"sip.service.type=ClusterIP");
+        ensure!(
+            svc["spec"]["externalTrafficPolicy"]
+                == if cluster_ip {
+                    Value::Null
+                } else {
+                    Value::from("Local")
+                },
+            "{sets:?}: externalTrafficPolicy {}",
+            svc["spec"]["externalTrafficPolicy"]
+        );
+        let rule = r
+            .ingress_rule
+            .with_context(|| format!("{sets:?}: no SIP ingress rule"))?;
+        let rule_ports: BTreeSet<(i64, String)> = rule["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| Some((p["port"].as_i64()?, p["protocol"].as_str()?.to_string())))
+            .collect();
+        let want_rule: BTreeSet<(i64, String)> =
+            want.iter().map(|(_, p, pr)| (*p, pr.clone())).collect();
+        ensure!(
+            rule_ports == want_rule && rule["from"].is_null(),
+            "{sets:?}: the SIP ingress rule is {rule}"
+        );
+        let toml = toml_table(&relay_toml(&docs)?)?;
+        for (t, _) in SIP_TRANSPORTS {
+            let listens = toml.get("sip").and_then(|s| s.get(t)).is_some();
+            ensure!(
+                listens == want.iter().any(|(n, _, _)| n == &format!("sip-{t}")),
+                "{sets:?}: sip.{t} in relay.toml: {listens}"
+            );
+        }
+    }
+
+    // externalTrafficPolicy Cluster when asked; a DNS server on port 5353 is reachable.
+    let all: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain([
+            "sip.service.externalTrafficPolicy=Cluster",
+            "sip.dnsServer=10.0.0.10:5353",
+        ])
+        .collect();
+    let docs = documents(
+        &template(None, &all)?.map_err(|e| anyhow::anyhow!("{all:?} did not render:\n{e}"))?,
+    )?;
+    let svc = sip_rendering(&docs)?.service.context("no SIP Service")?;
+    ensure!(
+        svc["spec"]["externalTrafficPolicy"] == "Cluster",
+        "externalTrafficPolicy {}",
+        svc["spec"]["externalTrafficPolicy"]
+    );
+    let toml = toml_table(&relay_toml(&docs)?)?;
+    ensure!(
+        toml.get("sip").and_then(|s| s.get("dns_server"))
+            == Some(&toml::Value::from("10.0.0.10:5353")),
+        "sip.dns_server is not the value's"
+    );
+    let ports = egress_port_protocols_to(&docs, &Value::Null)?;
+    ensure!(
+        ports.contains(&(5353, "UDP".into())) && ports.contains(&(5353, "TCP".into())),
+        "no egress to the SIP DNS server's port: {ports:?}"
+    );
+    Ok(())
+}
+
 fn pod_specs(docs: &[Value]) -> Vec<(String, &Value)> {
     docs.iter()
         .filter(|d| matches!(kind(d), "StatefulSet" | "Deployment" | "Job" | "DaemonSet"))
@@ -1281,6 +1870,41 @@ fn pods_are_locked_down_and_the_grace_period_covers_the_drain() -> Result<()> {
             ensure!(
                 port_of("xmpp-server").is_none() && xmpp_service.is_none(),
                 "{case}: an XMPP port or Service without the edge in relay.toml"
+            );
+        }
+        // Likewise the SIP edge's: a port per transport it listens on, each on the Service (same
+        // port and protocol) and in the NetworkPolicy.
+        let sip = sip_rendering(&docs)?;
+        if let Some(s) = toml.get("sip") {
+            let mut want = BTreeSet::new();
+            for (t, protocol) in SIP_TRANSPORTS {
+                if let Some(listen) = s.get(t).and_then(toml::Value::as_str) {
+                    let port: i64 = listen
+                        .rsplit_once(':')
+                        .and_then(|(_, p)| p.parse().ok())
+                        .with_context(|| format!("{case}: sip.{t} {listen} has no port"))?;
+                    want.insert((format!("sip-{t}"), port, protocol.to_string()));
+                }
+            }
+            ensure!(
+                !want.is_empty() && sip.container_ports == want && sip.service_ports == want,
+                "{case}: the SIP listeners {want:?}, container ports {:?}, Service ports {:?}",
+                sip.container_ports,
+                sip.service_ports
+            );
+            if docs
+                .iter()
+                .any(|d| kind(d) == "NetworkPolicy" && name(d) == fullname())
+            {
+                ensure!(
+                    sip.ingress_rule.is_some(),
+                    "{case}: the NetworkPolicy lets nothing reach the SIP edge"
+                );
+            }
+        } else {
+            ensure!(
+                sip.container_ports.is_empty() && sip.service.is_none(),
+                "{case}: a SIP port or Service without the edge in relay.toml"
             );
         }
         for (probe, path) in [
@@ -1451,6 +2075,18 @@ fn no_secret_value_is_rendered_outside_a_secret() -> Result<()> {
                 "{case}: the bot password is not read from a file"
             );
         }
+        for p in toml
+            .get("sip")
+            .and_then(|s| s.get("peers"))
+            .and_then(toml::Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            ensure!(
+                p.get("password").is_none(),
+                "{case}: an inline SIP digest password"
+            );
+        }
         if let Some(url) = toml
             .get("store")
             .and_then(|s| s.get("redis_url"))
@@ -1480,8 +2116,8 @@ fn bad_values_fail_rendering_with_a_message_naming_them() -> Result<()> {
         (
             "an unknown platform",
             (
-                vec!["domains[0].name=a.example", "domains[0].platform=sip"],
-                vec!["domains.0.platform", "http", "teams", "xmpp"],
+                vec!["domains[0].name=a.example", "domains[0].platform=matrix"],
+                vec!["domains.0.platform", "http", "teams", "xmpp", "sip"],
             ),
         ),
         (
@@ -1573,6 +2209,201 @@ fn bad_values_fail_rendering_with_a_message_naming_them() -> Result<()> {
             (
                 vec!["xmpp.service.enabled=true"],
                 vec!["xmpp.service.enabled", "xmpp.enabled=true"],
+            ),
+        ),
+        (
+            "a SIP domain without the SIP edge",
+            (
+                vec!["domains[0].name=sfb.example", "domains[0].platform=sip"],
+                vec!["sfb.example", "platform sip", "sip.enabled=true"],
+            ),
+        ),
+        (
+            "a SIP domain with an HMAC secret",
+            (
+                vec![
+                    "sip.enabled=true",
+                    "sip.host=sip.contoso.example",
+                    "sip.tls.secretName=sip-tls",
+                    "domains[0].name=sfb.example",
+                    "domains[0].platform=sip",
+                    "domains[0].secret.existingSecret=s",
+                ],
+                vec!["domains.0"],
+            ),
+        ),
+        (
+            "the SIP edge without a transport",
+            (
+                vec![
+                    "sip.enabled=true",
+                    "sip.host=sip.contoso.example",
+                    "sip.tls.enabled=false",
+                ],
+                vec![
+                    "sip.enabled",
+                    "transport",
+                    "sip.tls.enabled",
+                    "sip.udp.enabled",
+                ],
+            ),
+        ),
+        (
+            "the SIP edge on TLS without its certificate",
+            (
+                vec!["sip.enabled=true", "sip.host=sip.contoso.example"],
+                vec!["sip.tls.enabled", "sip.tls.secretName"],
+            ),
+        ),
+        (
+            "the SIP edge without its public name",
+            (
+                vec!["sip.enabled=true", "sip.tls.secretName=sip-tls"],
+                vec!["sip.enabled", "sip.host", "Via"],
+            ),
+        ),
+        (
+            "SIP over TCP and TLS on one port",
+            (
+                vec![
+                    "sip.enabled=true",
+                    "sip.host=sip.contoso.example",
+                    "sip.tls.secretName=sip-tls",
+                    "sip.tcp.enabled=true",
+                    "sip.tcp.port=5061",
+                ],
+                vec!["sip.tcp.port", "sip.tls.port", "5061"],
+            ),
+        ),
+        (
+            "a SIP peer that is not a SIP domain",
+            (
+                vec![
+                    "sip.enabled=true",
+                    "sip.host=sip.contoso.example",
+                    "sip.tls.secretName=sip-tls",
+                    "sip.peers[0].domain=sfb.example",
+                ],
+                vec!["sip.peers", "sfb.example", "platform sip"],
+            ),
+        ),
+        (
+            "a SIP peer listed twice",
+            (
+                vec![
+                    "sip.enabled=true",
+                    "sip.host=sip.contoso.example",
+                    "sip.tls.secretName=sip-tls",
+                    "domains[0].name=sfb.example",
+                    "domains[0].platform=sip",
+                    "sip.peers[0].domain=sfb.example",
+                    "sip.peers[1].domain=SFB.example",
+                ],
+                vec!["sip.peers", "SFB.example", "twice"],
+            ),
+        ),
+        (
+            "a SIP peer on a transport that is off",
+            (
+                vec![
+                    "sip.enabled=true",
+                    "sip.host=sip.contoso.example",
+                    "sip.tls.secretName=sip-tls",
+                    "domains[0].name=sfb.example",
+                    "domains[0].platform=sip",
+                    "sip.peers[0].domain=sfb.example",
+                    "sip.peers[0].transport=udp",
+                ],
+                vec!["sip.peers", "sfb.example", "udp", "sip.udp.enabled"],
+            ),
+        ),
+        (
+            "a SIP peer on TLS (the default) with TLS off",
+            (
+                vec![
+                    "sip.enabled=true",
+                    "sip.host=sip.contoso.example",
+                    "sip.tls.enabled=false",
+                    "sip.udp.enabled=true",
+                    "domains[0].name=sfb.example",
+                    "domains[0].platform=sip",
+                    "sip.peers[0].domain=sfb.example",
+                ],
+                vec!["sip.peers", "sfb.example", "sip.tls.enabled"],
+            ),
+        ),
+        (
+            "a SIP peer with a username but no password",
+            (
+                vec![
+                    "sip.enabled=true",
+                    "sip.host=sip.contoso.example",
+                    "sip.tls.secretName=sip-tls",
+                    "domains[0].name=sfb.example",
+                    "domains[0].platform=sip",
+                    "sip.peers[0].domain=sfb.example",
+                    "sip.peers[0].username=fedrelay",
+                ],
+                vec!["sip.peers", "sfb.example", "passwordSecret"],
+            ),
+        ),
+        (
+            "a SIP peer with a password but no username",
+            (
+                vec![
+                    "sip.enabled=true",
+                    "sip.host=sip.contoso.example",
+                    "sip.tls.secretName=sip-tls",
+                    "domains[0].name=sfb.example",
+                    "domains[0].platform=sip",
+                    "sip.peers[0].domain=sfb.example",
+                    "sip.peers[0].passwordSecret.secretName=sip-peers",
+                ],
+                vec!["sip.peers", "sfb.example", "username"],
+            ),
+        ),
+        (
+            "a SIP peer source that is no address",
+            (
+                vec![
+                    "sip.enabled=true",
+                    "sip.host=sip.contoso.example",
+                    "sip.tls.secretName=sip-tls",
+                    "domains[0].name=sfb.example",
+                    "domains[0].platform=sip",
+                    "sip.peers[0].domain=sfb.example",
+                    "sip.peers[0].sources[0]=partner.example",
+                ],
+                vec!["sip.peers.0.sources.0"],
+            ),
+        ),
+        (
+            "an unknown SIP transport",
+            (
+                vec![
+                    "sip.enabled=true",
+                    "sip.host=sip.contoso.example",
+                    "sip.tls.secretName=sip-tls",
+                    "domains[0].name=sfb.example",
+                    "domains[0].platform=sip",
+                    "sip.peers[0].domain=sfb.example",
+                    "sip.peers[0].transport=sctp",
+                ],
+                vec!["sip.peers.0.transport"],
+            ),
+        ),
+        (
+            "the removed placeholder switch of the SIP Service",
+            (
+                vec!["sip.service.enabled=true"],
+                vec!["sip.service.enabled", "sip.enabled=true"],
+            ),
+        ),
+        (
+            "a removed placeholder port of the SIP Service",
+            (
+                vec!["sip.service.tlsPort=5061"],
+                vec!["sip.service.tlsPort", "sip.tls.port"],
             ),
         ),
         (
@@ -1748,6 +2579,28 @@ fn bad_values_fail_rendering_with_a_message_naming_them() -> Result<()> {
             "redis.enabled=true",
             "cluster.allowPlaintext=true",
         ],
+        // SIP on TLS with its certificate and name; without TLS, no certificate is needed; a
+        // peer on UDP with its listener on, digest credentials complete.
+        vec![
+            "sip.enabled=true",
+            "sip.host=sip.contoso.example",
+            "sip.tls.secretName=sip-tls",
+            "domains[0].name=sfb.example",
+            "domains[0].platform=sip",
+            "sip.peers[0].domain=sfb.example",
+        ],
+        vec![
+            "sip.enabled=true",
+            "sip.host=sip.contoso.example",
+            "sip.tls.enabled=false",
+            "sip.udp.enabled=true",
+            "domains[0].name=sfb.example",
+            "domains[0].platform=sip",
+            "sip.peers[0].domain=sfb.example",
+            "sip.peers[0].transport=udp",
+            "sip.peers[0].username=fedrelay",
+            "sip.peers[0].passwordSecret.secretName=sip-peers",
+        ],
     ] {
         if let Err(e) = template(None, &sets)? {
             bail!("{sets:?} did not render:\n{e}");
@@ -1774,11 +2627,13 @@ fn the_operations_doc_explains_every_metric_and_alert() -> Result<()> {
     )?;
     let teams = render("ci/teams.yaml", Some(&chart().join("ci/teams.yaml")))?;
     let xmpp = render("ci/xmpp.yaml", Some(&chart().join("ci/xmpp.yaml")))?;
+    let sip = render("ci/sip.yaml", Some(&chart().join("ci/sip.yaml")))?;
     let mut alerts = BTreeSet::new();
     for d in docs
         .iter()
         .chain(&teams)
         .chain(&xmpp)
+        .chain(&sip)
         .filter(|d| kind(d) == "PrometheusRule")
     {
         for g in d["spec"]["groups"].as_array().into_iter().flatten() {

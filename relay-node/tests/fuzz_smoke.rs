@@ -3,6 +3,7 @@
 //! docs/fuzzing.md). A panic fails the test.
 
 use relay_node::edges::http::codec::fuzz_event;
+use relay_node::edges::sip::msg::{self as sip_msg, fuzz_sip};
 use relay_node::edges::teams::{html, inbound::fuzz_activity};
 use relay_node::edges::xmpp::xml::{Event, Limits, Parser, fuzz_xml};
 
@@ -221,4 +222,155 @@ fn mutated_xmpp_streams_never_panic() {
     });
     // Mutations must get stanzas through the parser, not only fail on the header.
     assert!(valid > 4_000, "only {valid} mutated inputs gave stanzas");
+}
+
+/// Tokens that reach the SIP parser's corners: line ends and folding, separators, quoting,
+/// escapes, IPv6 brackets, compact headers, Content-Length values and digest parameters.
+const SIP_TOKENS: &[&[u8]] = &[
+    b"\r\n",
+    b"\r\n ",
+    b"\r\n\r\n",
+    b"\n",
+    b"\r",
+    b" ",
+    b"\t",
+    b":",
+    b";",
+    b",",
+    b"=",
+    b"\"",
+    b"\\",
+    b"<",
+    b">",
+    b"@",
+    b"%",
+    b"%00",
+    b"%4",
+    b"%ff",
+    b"[",
+    b"]",
+    b"?",
+    b"\xff",
+    b"\xc3\xa9",
+    b"SIP/2.0",
+    b"SIP/2.0 200 OK\r\n",
+    b"sip:",
+    b"sips:a@[2001:db8::1]:5061",
+    b";tag=",
+    b";branch=z9hG4bK",
+    b";lr",
+    b"z9hG4bK",
+    b"v: SIP/2.0/TCP h.example.com;branch=z9hG4bKm\r\n",
+    b"i: x@y\r\n",
+    b"CSeq: 1 MESSAGE\r\n",
+    b"l: 0\r\n",
+    b"Content-Length: 5\r\n",
+    b"Content-Length: -1\r\n",
+    b"l: 18446744073709551616\r\n",
+    b"Max-Forwards: 256\r\n",
+    b"Contact: *\r\n",
+    b"Digest ",
+    b"realm=\"r\", nonce=\"n\", ",
+    b"algorithm=SHA-256",
+    b"qop=\"auth\"",
+];
+
+/// One to five random edits of a SIP seed: a bit flip, a SIP token inserted, a cut, a
+/// deletion or a repeated run.
+fn sip_mutate(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
+    let mut v = input.to_vec();
+    for _ in 0..=rng.below(4) {
+        let pos = rng.below(v.len() + 1);
+        match rng.below(6) {
+            0 if !v.is_empty() => {
+                let p = pos.min(v.len() - 1);
+                v[p] ^= 1 << rng.below(8);
+            }
+            1 | 2 => {
+                let t = SIP_TOKENS[rng.below(SIP_TOKENS.len())];
+                v.splice(pos..pos, t.iter().copied());
+            }
+            3 if rng.below(4) == 0 => v.truncate(pos),
+            4 if !v.is_empty() => {
+                let end = (pos + rng.below(16)).min(v.len());
+                v.drain(pos.min(end)..end);
+            }
+            _ => {
+                let chunk: Vec<u8> = v[pos.min(v.len())..].iter().take(32).copied().collect();
+                v.splice(pos..pos, chunk);
+            }
+        }
+    }
+    v
+}
+
+/// The messages `frame` cuts off a stream holding `input`, each parsed and checked.
+fn sip_stream(input: &[u8]) -> Vec<Result<(), String>> {
+    let limits = sip_msg::Limits::default();
+    let mut buf = input;
+    let mut out = Vec::new();
+    loop {
+        match sip_msg::frame(buf, &limits) {
+            Ok(sip_msg::Frame::Keepalive(n)) => buf = &buf[n..],
+            Ok(sip_msg::Frame::Message(n)) => {
+                out.push(
+                    sip_msg::parse(&buf[..n], &limits)
+                        .map_err(|e| e.to_string())
+                        .and_then(|m| m.check().map_err(|e| e.to_string())),
+                );
+                buf = &buf[n..];
+            }
+            Ok(sip_msg::Frame::Need) | Err(_) => return out,
+        }
+    }
+}
+
+#[test]
+fn sip_seeds_are_valid_messages_or_torture_tests() {
+    let seeds = named_seeds("sip_msg");
+    // The 50 RFC 4475 messages and the valid_* seeds.
+    assert!(seeds.len() >= 58, "corpus missing");
+    let limits = sip_msg::Limits::default();
+    for (name, s) in &seeds {
+        fuzz_sip(s);
+        if name == "valid_stream.sip" {
+            let frames = sip_stream(s);
+            assert_eq!(frames.len(), 3, "{name}");
+            assert!(frames.iter().all(Result::is_ok), "{name}: {frames:?}");
+        } else if name.starts_with("valid_") {
+            match sip_msg::parse(s, &limits) {
+                Ok(m) => assert_eq!(m.check(), Ok(()), "{name}"),
+                Err(e) => panic!("seed rejected: {name}: {e}"),
+            }
+            assert_eq!(
+                sip_msg::frame(s, &limits),
+                Ok(sip_msg::Frame::Message(s.len())),
+                "{name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn mutated_sip_messages_never_panic() {
+    let seeds = seeds("sip_msg");
+    let limits = sip_msg::Limits::default();
+    let mut rng = Rng(0x5eed_5195_2f1a_0d17);
+    let (mut parsed, mut checked) = (0, 0);
+    for i in 0..30_000 {
+        let input = sip_mutate(&mut rng, &seeds[i % seeds.len()]);
+        fuzz_sip(&input);
+        if let Ok(m) = sip_msg::parse(&input, &limits) {
+            parsed += 1;
+            if m.check().is_ok() {
+                checked += 1;
+            }
+        }
+    }
+    // Mutations must get past the parser into the header checks and the round trips.
+    assert!(parsed > 8_000, "only {parsed} mutated inputs parsed");
+    assert!(
+        checked > 2_000,
+        "only {checked} mutated inputs passed check()"
+    );
 }

@@ -10,6 +10,8 @@ mod etcd;
 pub mod fake_bot_connector;
 pub mod prosody;
 mod proxy;
+pub mod sipp;
+pub mod stunnel;
 pub mod xmpp_client;
 
 pub use etcd::EtcdServer;
@@ -38,6 +40,18 @@ pub fn free_port() -> Result<u16> {
         }
     }
     bail!("no fresh free port on 127.0.0.1")
+}
+
+/// A port free on 127.0.0.1 over both UDP and TCP (a SIP listener takes both), never the
+/// same twice in one process.
+pub fn free_udp_tcp_port() -> Result<u16> {
+    for _ in 0..64 {
+        let port = free_port()?;
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no port free over both UDP and TCP on 127.0.0.1")
 }
 
 /// Polls `cond` until it returns `Some`, or fails after `timeout` naming `what`.
@@ -268,12 +282,14 @@ pub struct RelayNode {
     /// Substituted for `{PROXY_PORT}` in the config: free for a [`FaultProxy`] in front of
     /// the node's gRPC port (advertise it as the node's gRPC address).
     pub proxy_port: u16,
+    /// Substituted for `{SIP_PORT}`: free over both UDP and TCP (the SIP edge's listeners).
+    pub sip_port: u16,
     dir: tempfile::TempDir,
 }
 
 impl RelayNode {
     /// Starts `relay-node --config` with `config` (TOML). The strings `{HTTP_PORT}`,
-    /// `{ADMIN_PORT}`, `{GRPC_PORT}` and `{PROXY_PORT}` in it are replaced by free ports
+    /// `{ADMIN_PORT}`, `{GRPC_PORT}`, `{PROXY_PORT}` and `{SIP_PORT}` in it are replaced by free ports
     /// (kept in the fields of the same names). Waits until `/readyz` answers 200.
     pub fn start(config: &str) -> Result<Self> {
         Self::start_with_env(config, &[])
@@ -300,6 +316,7 @@ impl RelayNode {
             admin_port: free_port()?,
             grpc_port: free_port()?,
             proxy_port: free_port()?,
+            sip_port: free_udp_tcp_port()?,
             dir: tempfile::tempdir()?,
         })
     }
@@ -310,7 +327,8 @@ impl RelayNode {
             .replace("{HTTP_PORT}", &node.http_port.to_string())
             .replace("{ADMIN_PORT}", &node.admin_port.to_string())
             .replace("{GRPC_PORT}", &node.grpc_port.to_string())
-            .replace("{PROXY_PORT}", &node.proxy_port.to_string());
+            .replace("{PROXY_PORT}", &node.proxy_port.to_string())
+            .replace("{SIP_PORT}", &node.sip_port.to_string());
         std::fs::write(node.config_path(), text)?;
         node.spawn(false, env)?;
         Ok(node)

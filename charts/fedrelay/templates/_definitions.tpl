@@ -318,9 +318,14 @@ values to change.
 {{- if not $v.xmpp.enabled }}
 {{- fail (printf "domains: %s has platform xmpp, but the XMPP edge is off: set xmpp.enabled=true with xmpp.tls.secretName (the relay's certificate; see docs/operations.md), or remove the domain (the relay refuses XMPP domains without its [xmpp] section)" .name) }}
 {{- end }}
+{{- else if eq .platform "sip" }}
+{{- if not $v.sip.enabled }}
+{{- fail (printf "domains: %s has platform sip, but the SIP edge is off: set sip.enabled=true with sip.host and sip.tls.secretName (the relay's certificate; see docs/sip.md), or remove the domain (the relay refuses SIP domains without its [sip] section)" .name) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- include "fedrelay.validateXmpp" (dict "root" $ "names" $names) }}
+{{- include "fedrelay.validateSip" (dict "root" $ "names" $names) }}
 {{- range $v.federation }}
 {{- range .between }}
 {{- if not (hasKey $names (lower .)) }}
@@ -378,6 +383,136 @@ values to change.
 {{- end }}
 
 {{- define "fedrelay.xmppDir" -}}/etc/fedrelay/xmpp{{- end }}
+
+{{/* Checks of the SIP edge's values; .names: the declared domains (lower case). */}}
+{{- define "fedrelay.validateSip" -}}
+{{- $v := .root.Values }}
+{{- $s := $v.sip }}
+{{- if hasKey $s.service "enabled" }}
+{{- fail "sip.service.enabled is gone: the SIP Service is rendered with the edge, sip.enabled=true, and exposes the ports of the transports turned on (sip.udp.enabled, sip.tcp.enabled, sip.tls.enabled); sip.service keeps its type, externalTrafficPolicy, annotations and loadBalancerSourceRanges" }}
+{{- end }}
+{{- range $old, $new := dict "udpPort" "sip.udp.port" "tcpPort" "sip.tcp.port" "tlsPort" "sip.tls.port" }}
+{{- if hasKey $s.service $old }}
+{{- fail (printf "sip.service.%s is gone: the SIP Service exposes %s, the port the edge listens on (Via and Contact headers name it, so the Service does not translate it)" $old $new) }}
+{{- end }}
+{{- end }}
+{{- if $s.enabled }}
+{{- if not (or $s.udp.enabled $s.tcp.enabled $s.tls.enabled) }}
+{{- fail "sip.enabled needs a transport: turn on sip.tls.enabled (mutual TLS on 5061, as Skype for Business and Lync federate), sip.tcp.enabled or sip.udp.enabled" }}
+{{- end }}
+{{- if not $s.host }}
+{{- fail "sip.enabled needs sip.host: the relay's public name (the target of the hosted domains' SIP SRV records, e.g. sip.contoso.example), written into Via and Contact headers; without it peers would answer to the pod's own address" }}
+{{- end }}
+{{- if and $s.tls.enabled (not $s.tls.secretName) }}
+{{- fail "sip.tls.enabled needs sip.tls.secretName: a kubernetes.io/tls Secret (tls.crt, tls.key) whose certificate's DNS SANs name sip.host and every domain SIP peers reach here; or turn sip.tls.enabled off and use sip.tcp.enabled / sip.udp.enabled" }}
+{{- end }}
+{{- if and $s.tcp.enabled $s.tls.enabled (eq (int $s.tcp.port) (int $s.tls.port)) }}
+{{- fail (printf "sip.tcp.port and sip.tls.port are both %d: TCP and TLS need ports of their own (5060 and 5061)" (int $s.tcp.port)) }}
+{{- end }}
+{{- $sipDomains := dict }}
+{{- range $v.domains }}{{ if eq .platform "sip" }}{{ $_ := set $sipDomains (lower .name) true }}{{ end }}{{ end }}
+{{- $peers := dict }}
+{{- range $s.peers }}
+{{- if not (hasKey $sipDomains (lower .domain)) }}
+{{- fail (printf "sip.peers: %s is not one of the domains with platform sip: declare it in domains (platform: sip) or remove the peer" .domain) }}
+{{- end }}
+{{- if hasKey $peers (lower .domain) }}
+{{- fail (printf "sip.peers: %s is listed twice" .domain) }}
+{{- end }}
+{{- $_ := set $peers (lower .domain) true }}
+{{- $transport := default "tls" .transport }}
+{{- if not (get $s $transport).enabled }}
+{{- fail (printf "sip.peers: %s uses transport %s, but sip.%s.enabled is false: the relay sends over a transport only where it listens on it. Turn sip.%s.enabled on, or give the peer another transport (the default is tls)" .domain $transport $transport $transport) }}
+{{- end }}
+{{- if and .username (not .passwordSecret) }}
+{{- fail (printf "sip.peers: %s has a username but no passwordSecret: digest credentials need both (passwordSecret.secretName: a Secret you create holding the password)" .domain) }}
+{{- end }}
+{{- if and .passwordSecret (not .username) }}
+{{- fail (printf "sip.peers: %s has a passwordSecret but no username: digest credentials need both" .domain) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "fedrelay.sipDir" -}}/etc/fedrelay/sip{{- end }}
+
+{{/*
+The SIP edge's certificate and key (tls.crt, tls.key), the peers' CAs (ca.crt) and the peers'
+digest passwords (passwords/<domain>), in one projected volume of the relay pods (not the
+loadtest Job's). Rendered when there is something to mount.
+*/}}
+{{- define "fedrelay.sipSources" -}}
+{{- $s := .Values.sip }}
+{{- $sources := list }}
+{{- if $s.enabled }}
+{{- if $s.tls.enabled }}
+{{- $sources = append $sources (dict "secret" (dict "name" $s.tls.secretName "items" (list (dict "key" "tls.crt" "path" "tls.crt") (dict "key" "tls.key" "path" "tls.key")))) }}
+{{- if $s.tls.caSecretName }}
+{{- $sources = append $sources (dict "secret" (dict "name" $s.tls.caSecretName "items" (list (dict "key" $s.tls.caKey "path" "ca.crt")))) }}
+{{- end }}
+{{- end }}
+{{- $bySecret := dict }}
+{{- $order := list }}
+{{- range $peer := $s.peers }}
+{{- with $peer.passwordSecret }}
+{{- if not (hasKey $bySecret .secretName) }}{{ $order = append $order .secretName }}{{ $_ := set $bySecret .secretName list }}{{ end }}
+{{- $_ := set $bySecret .secretName (append (get $bySecret .secretName) (dict "key" (default $peer.domain .key) "path" (printf "passwords/%s" (lower $peer.domain)))) }}
+{{- end }}
+{{- end }}
+{{- range $order }}
+{{- $sources = append $sources (dict "secret" (dict "name" . "items" (get $bySecret .))) }}
+{{- end }}
+{{- end }}
+{{- $sources | toJson }}
+{{- end }}
+
+{{- define "fedrelay.sipVolumeMounts" -}}
+{{- if ne (include "fedrelay.sipSources" .) "[]" }}
+- name: sip
+  mountPath: {{ include "fedrelay.sipDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "fedrelay.sipVolumes" -}}
+{{- $sources := include "fedrelay.sipSources" . }}
+{{- if ne $sources "[]" }}
+- name: sip
+  projected:
+    defaultMode: 288 # 0440
+    sources:
+      {{- $sources | fromJsonArray | toYaml | nindent 6 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Outgoing SIP traffic: networkPolicy.egress.sipPorts over TCP (with sip.tcp or sip.tls on) and
+UDP (with sip.udp on), and the port of every sip.peers[].address over the peer's transport, as
+a JSON list of {"port", "protocol"}.
+*/}}
+{{- define "fedrelay.sipEgressPorts" -}}
+{{- $s := .Values.sip }}
+{{- $seen := dict }}
+{{- $ports := list }}
+{{- $protocols := list }}
+{{- if or $s.tcp.enabled $s.tls.enabled }}{{ $protocols = append $protocols "TCP" }}{{ end }}
+{{- if $s.udp.enabled }}{{ $protocols = append $protocols "UDP" }}{{ end }}
+{{- range $p := .Values.networkPolicy.egress.sipPorts }}
+{{- range $protocols }}
+{{- $k := printf "%d/%s" (int $p) . }}
+{{- if not (hasKey $seen $k) }}{{ $_ := set $seen $k true }}{{ $ports = append $ports (dict "port" (int $p) "protocol" .) }}{{ end }}
+{{- end }}
+{{- end }}
+{{- range $peer := $s.peers }}
+{{- with $peer.address }}
+{{- $p := regexFind "[0-9]+$" . | int }}
+{{- $proto := ternary "UDP" "TCP" (eq (default "tls" $peer.transport) "udp") }}
+{{- $k := printf "%d/%s" $p $proto }}
+{{- if not (hasKey $seen $k) }}{{ $_ := set $seen $k true }}{{ $ports = append $ports (dict "port" $p "protocol" $proto) }}{{ end }}
+{{- end }}
+{{- end }}
+{{- $ports | toJson }}
+{{- end }}
 
 {{/*
 The XMPP edge's certificate and key (tls.crt, tls.key), the peers' CAs (ca.crt) and the dialback

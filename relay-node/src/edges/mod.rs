@@ -3,6 +3,7 @@
 //! through [`Edges`], never seeing the cluster.
 
 pub mod http;
+pub mod sip;
 pub mod teams;
 pub mod xmpp;
 
@@ -106,6 +107,8 @@ pub struct Edges {
     pub teams: Option<Arc<teams::TeamsEdge>>,
     /// Server-to-server federation, when a domain is on XMPP.
     pub xmpp: Option<Arc<xmpp::XmppEdge>>,
+    /// SIP/SIMPLE, when a domain is on SIP.
+    pub sip: Option<Arc<sip::SipEdge>>,
 }
 
 #[async_trait]
@@ -129,6 +132,13 @@ impl Outbound for Edges {
                 None => Err(DeliveryError::permanent(
                     "no_edge",
                     "no edge serves platform xmpp",
+                )),
+            },
+            "sip" => match &self.sip {
+                Some(x) => x.deliver(recipient, batch).await,
+                None => Err(DeliveryError::permanent(
+                    "no_edge",
+                    "no edge serves platform sip",
                 )),
             },
             other => Err(DeliveryError::permanent(

@@ -101,7 +101,7 @@ impl Resolver {
 }
 
 /// RFC 2782 ordering: ascending priority; within one, a weighted random order.
-fn order(
+pub(crate) fn order(
     domain: &str,
     mut records: Vec<(u16, u16, String, u16)>,
     mut rnd: impl FnMut() -> u32,

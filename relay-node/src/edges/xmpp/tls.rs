@@ -79,10 +79,16 @@ fn key(p: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 
 impl Tls {
     pub fn from_config(cfg: &XmppConfig) -> Result<Self, TlsError> {
+        Self::new(&cfg.tls_cert, &cfg.tls_key, cfg.tls_ca.as_deref())
+    }
+
+    /// The relay's certificate and key, and the CAs trusted for peers (the system's roots
+    /// when `ca` is `None`).
+    pub fn new(cert: &Path, key_file: &Path, ca: Option<&Path>) -> Result<Self, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let chain = certs(&cfg.tls_cert)?;
+        let chain = certs(cert)?;
         let mut roots = RootCertStore::empty();
-        match &cfg.tls_ca {
+        match ca {
             Some(ca) => {
                 for c in certs(ca)? {
                     roots.add(c)?;
@@ -98,11 +104,11 @@ impl Tls {
         let server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(Arc::new(AnyClientCert(provider.clone())))
-            .with_single_cert(chain.clone(), key(&cfg.tls_key)?)?;
+            .with_single_cert(chain.clone(), key(key_file)?)?;
         let client = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots.clone())
-            .with_client_auth_cert(chain, key(&cfg.tls_key)?)?;
+            .with_client_auth_cert(chain, key(key_file)?)?;
         Ok(Self {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
             connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
@@ -114,7 +120,7 @@ impl Tls {
     /// Whether the certificate chain a peer presented is trusted and names `domain`
     /// (a DNS-ID, as XEP-0178 and RFC 6125 have it).
     pub fn peer_valid_for(&self, chain: &[CertificateDer<'_>], domain: &str) -> bool {
-        let Some((ee, rest)) = chain.split_first() else {
+        let Some(ee) = chain.first() else {
             return false;
         };
         let Ok(cert) = webpki::EndEntityCert::try_from(ee) else {
@@ -123,9 +129,21 @@ impl Tls {
         let Ok(name) = ServerName::try_from(domain.to_string()) else {
             return false;
         };
+        self.chain_trusted(chain) && cert.verify_is_valid_for_subject_name(&name).is_ok()
+    }
+
+    /// Whether a peer's certificate chain leads to a trusted root, for a server or a client
+    /// (names are checked apart).
+    pub fn chain_trusted(&self, chain: &[CertificateDer<'_>]) -> bool {
+        let Some((ee, rest)) = chain.split_first() else {
+            return false;
+        };
+        let Ok(cert) = webpki::EndEntityCert::try_from(ee) else {
+            return false;
+        };
         let now = UnixTime::now();
         let algs = self.provider.signature_verification_algorithms.all;
-        let trusted = [
+        [
             webpki::KeyUsage::client_auth(),
             webpki::KeyUsage::server_auth(),
         ]
@@ -133,8 +151,7 @@ impl Tls {
         .any(|usage| {
             cert.verify_for_usage(algs, &self.roots.roots, rest, now, usage, None, None)
                 .is_ok()
-        });
-        trusted && cert.verify_is_valid_for_subject_name(&name).is_ok()
+        })
     }
 }
 
