@@ -13,11 +13,11 @@
 //!
 //! The shared scenarios of `loadtest/sip/` are here as [`MESSAGE_UAC`] and [`MESSAGE_UAS`].
 
-use crate::{find_binary, free_port};
+use crate::find_binary;
 use anyhow::{Context, Result, bail};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -200,13 +200,7 @@ pub fn users_csv(users: usize, from_domain: &str, to_domain: &str) -> String {
 /// A free port on 127.0.0.1 for UDP and TCP alike (sipp binds one or the other on the same
 /// number), never handed out twice in one process (it comes from [`free_port`]).
 pub fn free_udp_port() -> Result<u16> {
-    for _ in 0..64 {
-        let port = free_port()?;
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("no port of 127.0.0.1 free for both UDP and TCP")
+    crate::free_udp_tcp_port()
 }
 
 /// Whether something is bound to 127.0.0.1:`port` (or the wildcard address): a UDP socket,

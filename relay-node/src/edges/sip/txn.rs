@@ -61,12 +61,15 @@ enum Entry {
 
 #[derive(Default)]
 struct Shard {
-    map: HashMap<String, Entry>,
+    /// Each transaction with the time it is forgotten.
+    map: HashMap<String, (Instant, Entry)>,
     /// Keys in the order their entries expire (every entry lives as long).
     expiry: VecDeque<(Instant, String)>,
 }
 
 const SHARDS: usize = 16;
+/// Expired transactions dropped per lookup at most.
+const SWEEP_PER_LOOK: usize = 8;
 
 /// The server transactions.
 pub struct ServerTxns {
@@ -130,23 +133,38 @@ impl ServerTxns {
 
     /// Looks the request up, starting a transaction when it is new.
     pub fn seen(&self, req: &Message) -> Seen {
+        self.seen_at(req, Instant::now())
+    }
+
+    /// [`ServerTxns::seen`] at the time `now`.
+    pub fn seen_at(&self, req: &Message, now: Instant) -> Seen {
         let Some(key) = server_key(req) else {
             return Seen::New;
         };
         let is_ack = req.method() == Some("ACK");
-        let now = Instant::now();
         let Ok(mut s) = self.shard(&key).lock() else {
             return Seen::New;
         };
-        while let Some((t, _)) = s.expiry.front() {
-            if *t > now {
-                break;
+        // A few expired entries per look, so a burst that expires at once is swept over the
+        // next requests instead of stalling one of them.
+        for _ in 0..SWEEP_PER_LOOK {
+            match s.expiry.front() {
+                Some((t, _)) if *t <= now => {}
+                _ => break,
             }
-            if let Some((_, k)) = s.expiry.pop_front() {
+            if let Some((t, k)) = s.expiry.pop_front()
+                && s.map.get(&k).is_some_and(|(until, _)| *until == t)
+            {
                 s.map.remove(&k);
             }
         }
-        match s.map.get(&key) {
+        // One expired but not swept yet is gone all the same.
+        let entry = s
+            .map
+            .get(&key)
+            .filter(|(until, _)| *until > now)
+            .map(|(_, e)| e);
+        match entry {
             Some(Entry::Completed(st)) if is_ack => match st {
                 Stored::Plain { code, .. } if *code >= 300 => Seen::AckAbsorbed,
                 // The ACK of a 2xx is its own transaction, for the dialog.
@@ -156,8 +174,9 @@ impl ServerTxns {
             Some(Entry::Proceeding) if !is_ack => Seen::InProgress,
             _ if is_ack => Seen::New,
             _ => {
-                s.map.insert(key.clone(), Entry::Proceeding);
-                s.expiry.push_back((now + self.linger, key));
+                let until = now + self.linger;
+                s.map.insert(key.clone(), (until, Entry::Proceeding));
+                s.expiry.push_back((until, key));
                 Seen::New
             }
         }
@@ -170,7 +189,7 @@ impl ServerTxns {
         }
         let Some(key) = server_key(req) else { return };
         if let Ok(mut s) = self.shard(&key).lock()
-            && let Some(e) = s.map.get_mut(&key)
+            && let Some((_, e)) = s.map.get_mut(&key)
         {
             *e = Entry::Completed(stored);
         }
@@ -357,5 +376,19 @@ mod tests {
         assert!(matches!(t.seen(&m), Seen::New));
         // Expired at once: the next look sweeps it and starts afresh.
         assert!(matches!(t.seen(&m), Seen::New));
+        // However many expire together, each look sweeps a few, and an expired one not swept
+        // yet counts as gone.
+        let t = ServerTxns::new(Duration::from_millis(20));
+        for i in 0..500 {
+            if let Some(r) = req("MESSAGE", &format!("z9hG4bKmany{i}"), "MESSAGE") {
+                assert!(matches!(t.seen(&r), Seen::New));
+            }
+        }
+        assert_eq!(t.len(), 500);
+        let later = Instant::now() + Duration::from_millis(30);
+        if let Some(r) = req("MESSAGE", "z9hG4bKmany7", "MESSAGE") {
+            assert!(matches!(t.seen_at(&r, later), Seen::New));
+        }
+        assert!(t.len() > 400, "swept {} at once", 501 - t.len());
     }
 }
