@@ -357,6 +357,38 @@ pub struct XmppPeer {
     pub auth: XmppAuth,
 }
 
+/// Checks a federation edge's peer list: each peer once, each a declared domain of the
+/// edge's platform, each `address` a `host:port`.
+fn check_peers(
+    peers: &[(&str, Option<&str>)],
+    domains: &[DomainConfig],
+    platform: Platform,
+) -> Result<(), String> {
+    let mut seen = HashSet::new();
+    for (domain, address) in peers {
+        let name = domain.to_ascii_lowercase();
+        if !seen.insert(name.clone()) {
+            return Err(format!("peer `{domain}` is listed twice"));
+        }
+        if !domains
+            .iter()
+            .any(|d| d.platform == platform && d.name.eq_ignore_ascii_case(&name))
+        {
+            return Err(format!(
+                "peer `{domain}` is not a declared domain with platform = \"{}\"",
+                platform.as_str()
+            ));
+        }
+        if let Some(a) = address
+            && a.rsplit_once(':')
+                .is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err())
+        {
+            return Err(format!("peer `{domain}`: address `{a}` must be host:port"));
+        }
+    }
+    Ok(())
+}
+
 /// A SIP transport.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash, Default)]
 #[serde(rename_all = "lowercase")]
@@ -522,30 +554,14 @@ impl SipConfig {
         {
             return bad("rates, bursts and timeouts must be positive".into());
         }
-        let mut seen = HashSet::new();
+        let peers: Vec<_> = self
+            .peers
+            .iter()
+            .map(|p| (p.domain.as_str(), p.address.as_deref()))
+            .collect();
+        check_peers(&peers, domains, Platform::Sip)
+            .map_err(|m| ConfigError::Invalid(format!("sip: {m}")))?;
         for p in &self.peers {
-            let name = p.domain.to_ascii_lowercase();
-            if !seen.insert(name.clone()) {
-                return bad(format!("peer `{}` is listed twice", p.domain));
-            }
-            if !domains
-                .iter()
-                .any(|d| d.platform == Platform::Sip && d.name.eq_ignore_ascii_case(&name))
-            {
-                return bad(format!(
-                    "peer `{}` is not a declared domain with platform = \"sip\"",
-                    p.domain
-                ));
-            }
-            if let Some(a) = &p.address
-                && a.rsplit_once(':')
-                    .is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err())
-            {
-                return bad(format!(
-                    "peer `{}`: address `{a}` must be host:port",
-                    p.domain
-                ));
-            }
             if p.password.is_some() && p.password_file.is_some() {
                 return bad(format!(
                     "peer `{}`: give `password` or `password_file`, not both",
@@ -702,32 +718,13 @@ impl XmppConfig {
         {
             return bad("timeouts must be positive".into());
         }
-        let mut seen = HashSet::new();
-        for p in &self.peers {
-            let name = p.domain.to_ascii_lowercase();
-            if !seen.insert(name.clone()) {
-                return bad(format!("peer `{}` is listed twice", p.domain));
-            }
-            if !domains
-                .iter()
-                .any(|d| d.platform == Platform::Xmpp && d.name.eq_ignore_ascii_case(&name))
-            {
-                return bad(format!(
-                    "peer `{}` is not a declared domain with platform = \"xmpp\"",
-                    p.domain
-                ));
-            }
-            if let Some(a) = &p.address
-                && a.rsplit_once(':')
-                    .is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err())
-            {
-                return bad(format!(
-                    "peer `{}`: address `{a}` must be host:port",
-                    p.domain
-                ));
-            }
-        }
-        Ok(())
+        let peers: Vec<_> = self
+            .peers
+            .iter()
+            .map(|p| (p.domain.as_str(), p.address.as_deref()))
+            .collect();
+        check_peers(&peers, domains, Platform::Xmpp)
+            .map_err(|m| ConfigError::Invalid(format!("xmpp: {m}")))
     }
 }
 

@@ -502,6 +502,28 @@ pub(crate) async fn notify_watcher(edge: &Arc<SipEdge>, key: &str, sub: Sub, _gu
     }
 }
 
+/// A request in the dialog of a presence subscription, from the relay user to the SIP user:
+/// Request-URI, From, To, Call-ID, CSeq, Contact and `Event: presence`.
+fn in_subscription(edge: &SipEdge, sub: &Sub, method: &str) -> Message {
+    let relay = sub.relay_addr();
+    let sip = sub.sip_addr();
+    let t = edge.transport_for(&sip.domain);
+    let mut m = Message::request(method, &sub.target);
+    m.push("From", format!("<{}>;tag={}", aor(&relay), sub.local_tag));
+    m.push(
+        "To",
+        match &sub.remote_tag {
+            Some(tag) => format!("<{}>;tag={tag}", aor(&sip)),
+            None => format!("<{}>", aor(&sip)),
+        },
+    );
+    m.push("Call-ID", sub.call_id.clone());
+    m.push("CSeq", format!("{} {method}", sub.cseq));
+    m.push("Contact", contact(edge, &relay.user, t));
+    m.push("Event", "presence");
+    m
+}
+
 /// A NOTIFY in a watcher subscription; `reason` ends it. The caller holds its lock.
 async fn send_notify(
     edge: &Arc<SipEdge>,
@@ -524,20 +546,7 @@ async fn send_notify(
     } else {
         drop_sub(edge, "w", &sub).await;
     }
-    let t = edge.transport_for(&sip.domain);
-    let mut m = Message::request("NOTIFY", &sub.target);
-    m.push("From", format!("<{}>;tag={}", aor(&relay), sub.local_tag));
-    m.push(
-        "To",
-        match &sub.remote_tag {
-            Some(tag) => format!("<{}>;tag={tag}", aor(&sip)),
-            None => format!("<{}>", aor(&sip)),
-        },
-    );
-    m.push("Call-ID", sub.call_id.clone());
-    m.push("CSeq", format!("{} NOTIFY", sub.cseq));
-    m.push("Contact", contact(edge, &relay.user, t));
-    m.push("Event", "presence");
+    let mut m = in_subscription(edge, &sub, "NOTIFY");
     m.push("Subscription-State", state);
     if let Some(p) = presence.filter(|_| sub.state == "active" && reason.is_none()) {
         m.push("Content-Type", codec::CT_PIDF);
@@ -749,22 +758,8 @@ async fn send_subscribe(
     sub: &Sub,
     expires: u32,
 ) -> Result<Message, SendError> {
-    let relay = sub.relay_addr();
     let sip = sub.sip_addr();
-    let t = edge.transport_for(&sip.domain);
-    let mut m = Message::request("SUBSCRIBE", &sub.target);
-    m.push("From", format!("<{}>;tag={}", aor(&relay), sub.local_tag));
-    m.push(
-        "To",
-        match &sub.remote_tag {
-            Some(tag) => format!("<{}>;tag={tag}", aor(&sip)),
-            None => format!("<{}>", aor(&sip)),
-        },
-    );
-    m.push("Call-ID", sub.call_id.clone());
-    m.push("CSeq", format!("{} SUBSCRIBE", sub.cseq));
-    m.push("Contact", contact(edge, &relay.user, t));
-    m.push("Event", "presence");
+    let mut m = in_subscription(edge, sub, "SUBSCRIBE");
     m.push("Accept", codec::CT_PIDF);
     m.push("Expires", expires.to_string());
     edge.send_request(&sip.domain, m).await

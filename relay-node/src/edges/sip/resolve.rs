@@ -5,10 +5,8 @@
 //! the transport's default port. SRV records go in RFC 2782 order.
 
 use crate::config::SipTransport;
-use crate::edges::xmpp::resolve::{Target, order, split_host_port};
+use crate::edges::xmpp::resolve::{Target, dns_resolver, order, split_host_port};
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig, ResolverOpts};
-use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -80,20 +78,8 @@ impl Resolver {
         overrides: HashMap<String, Target>,
         dns_server: Option<SocketAddr>,
     ) -> Result<Self, ResolveError> {
-        let dns = match dns_server {
-            Some(addr) => {
-                let group = NameServerConfigGroup::from_ips_clear(&[addr.ip()], addr.port(), true);
-                TokioResolver::builder_with_config(
-                    ResolverConfig::from_parts(None, vec![], group),
-                    TokioConnectionProvider::default(),
-                )
-                .with_options(ResolverOpts::default())
-                .build()
-            }
-            None => TokioResolver::builder_tokio()
-                .map_err(|e| ResolveError::Resolver("the system resolver".into(), e.to_string()))?
-                .build(),
-        };
+        let dns = dns_resolver(dns_server)
+            .map_err(|e| ResolveError::Resolver("the system resolver".into(), e))?;
         Ok(Self { overrides, dns })
     }
 

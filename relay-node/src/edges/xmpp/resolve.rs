@@ -48,25 +48,30 @@ pub fn split_host_port(s: &str) -> Option<Target> {
     })
 }
 
+/// A DNS resolver asking `dns_server` (`ip:port`), or the system's resolvers.
+pub(crate) fn dns_resolver(dns_server: Option<SocketAddr>) -> Result<TokioResolver, String> {
+    Ok(match dns_server {
+        Some(addr) => {
+            let group = NameServerConfigGroup::from_ips_clear(&[addr.ip()], addr.port(), true);
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_parts(None, vec![], group),
+                TokioConnectionProvider::default(),
+            )
+            .with_options(ResolverOpts::default())
+            .build()
+        }
+        None => TokioResolver::builder_tokio()
+            .map_err(|e| e.to_string())?
+            .build(),
+    })
+}
+
 impl Resolver {
     pub fn new(
         overrides: HashMap<String, Target>,
         dns_server: Option<SocketAddr>,
     ) -> Result<Self, ResolveError> {
-        let dns = match dns_server {
-            Some(addr) => {
-                let group = NameServerConfigGroup::from_ips_clear(&[addr.ip()], addr.port(), true);
-                TokioResolver::builder_with_config(
-                    ResolverConfig::from_parts(None, vec![], group),
-                    TokioConnectionProvider::default(),
-                )
-                .with_options(ResolverOpts::default())
-                .build()
-            }
-            None => TokioResolver::builder_tokio()
-                .map_err(|e| ResolveError::Resolver(e.to_string()))?
-                .build(),
-        };
+        let dns = dns_resolver(dns_server).map_err(ResolveError::Resolver)?;
         Ok(Self { overrides, dns })
     }
 
