@@ -724,7 +724,8 @@ async fn subscribe_to(
             let granted = resp
                 .header("expires")
                 .and_then(|e| e.trim().parse::<i64>().ok())
-                .unwrap_or(3600);
+                .unwrap_or(3600)
+                .clamp(60, 86_400);
             sub.expires_at_ms = now_ms() + granted * 1000;
             save(edge, "s", &sub).await
         }
@@ -801,7 +802,8 @@ pub(crate) async fn refresh_loop(edge: Arc<SipEdge>, mut stop: watch::Receiver<b
                         let granted = resp
                             .header("expires")
                             .and_then(|e| e.trim().parse::<i64>().ok())
-                            .unwrap_or(3600);
+                            .unwrap_or(3600)
+                            .clamp(60, 86_400);
                         cur.expires_at_ms = now_ms() + granted * 1000;
                         let _ = save(&edge, "s", &cur).await;
                     }
@@ -995,7 +997,9 @@ async fn send_im(
     }
     debug!(relay_msg_id = %env.relay_msg_id, "message delivered");
     Ok(match body {
-        Body::Text(_) => Some(format!("{call_id}/{seq}")),
+        // Marked as the relay's: inside an IM session both sides number their CSeqs apart,
+        // so "Call-ID/CSeq" alone would name a SIP user's later message as this one.
+        Body::Text(_) => Some(format!("{call_id}/{seq}/relay")),
         _ => None,
     })
 }
