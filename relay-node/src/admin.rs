@@ -43,8 +43,13 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
 
 /// `GET /cluster`: this node's view (members, revision) and every member's own counts.
 async fn cluster_view(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
-    let me = s.cluster.status().await;
-    let nodes = s.cluster.cluster_status().await;
+    axum::Json(cluster_json(&s.cluster, s.draining.load(Ordering::Relaxed)).await)
+}
+
+/// The cluster as this node sees it, with every member's own counts.
+pub async fn cluster_json(cluster: &ClusterNode, draining: bool) -> serde_json::Value {
+    let me = cluster.status().await;
+    let nodes = cluster.cluster_status().await;
     let node_json = |n: &fedrelay_proto::v1::NodeStatus| {
         serde_json::json!({
             "node_id": n.node_id,
@@ -57,13 +62,13 @@ async fn cluster_view(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
             "presence_active": n.presence_active,
         })
     };
-    axum::Json(serde_json::json!({
+    serde_json::json!({
         "node_id": me.node_id,
         "revision": me.revision,
-        "ready": me.ready && !s.draining.load(Ordering::Relaxed),
+        "ready": me.ready && !draining,
         "handoffs_in_flight": me.handoffs_in_flight,
         "members": nodes.iter().map(node_json).collect::<Vec<_>>(),
-    }))
+    })
 }
 
 async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {

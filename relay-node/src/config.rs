@@ -36,6 +36,9 @@ pub struct Config {
     pub http: HttpConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    /// The management API (`/api/v1/`): policy, explain, approvals, log, usage, audit.
+    #[serde(default)]
+    pub api: ApiConfig,
     #[serde(default)]
     pub store: StoreConfig,
     #[serde(default)]
@@ -117,6 +120,52 @@ impl Default for AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
         }
     }
+}
+
+/// The management API's listener and how it authenticates.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Where it listens; no management API without it.
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain and key; with them the API speaks HTTPS only.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Plain HTTP on a non-loopback address (behind a TLS-terminating proxy). Off by default.
+    pub allow_plaintext: bool,
+    /// A file holding a break-glass `admin` token (at least 32 characters), accepted as
+    /// `Authorization: Bearer <token>` besides the tokens the API issues.
+    pub bootstrap_token_file: Option<PathBuf>,
+    /// Bearer tokens from the enterprise's OpenID Connect provider.
+    pub oidc: Option<OidcConfig>,
+}
+
+/// An OpenID Connect provider whose access tokens (JWT, RS256) the API accepts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The `iss` of its tokens; its keys are found through
+    /// `<issuer>/.well-known/openid-configuration` unless `jwks_url` is given.
+    pub issuer: String,
+    /// The `aud` the tokens must carry.
+    pub audience: String,
+    pub jwks_url: Option<String>,
+    /// The claim holding the roles (`admin`, `auditor`, `domain-admin`), a string or a list.
+    #[serde(default = "default_roles_claim")]
+    pub roles_claim: String,
+    /// The claim listing a `domain-admin`'s internal domains.
+    #[serde(default = "default_domains_claim")]
+    pub domains_claim: String,
+    /// A CA (PEM) to trust for the provider's HTTPS instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_roles_claim() -> String {
+    "roles".into()
+}
+
+fn default_domains_claim() -> String {
+    "domains".into()
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -270,7 +319,7 @@ pub struct RuntimeConfig {
     pub worker_threads: usize,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Platform {
     Http,
@@ -326,6 +375,10 @@ pub struct DomainConfig {
     pub webhook_url: Option<String>,
     /// Teams domains: the Microsoft Entra tenant whose users this domain's addresses name.
     pub tenant_id: Option<String>,
+    /// Whose users these are, for the federation policy: `internal` (the enterprise's own)
+    /// or `external` (a partner's). Default: external for XMPP and SIP, internal otherwise.
+    #[serde(default)]
+    pub side: Option<crate::control::policy::model::Side>,
 }
 
 fn default_delivery() -> Delivery {
@@ -1185,6 +1238,31 @@ impl Config {
                 self.http.listen
             ));
         }
+        if self.api.tls_cert.is_some() != self.api.tls_key.is_some() {
+            return bad("api: give both `tls_cert` and `tls_key`, or neither".into());
+        }
+        if let Some(l) = self.api.listen
+            && self.api.tls_cert.is_none()
+            && !self.api.allow_plaintext
+            && !l.ip().is_loopback()
+        {
+            return bad(format!(
+                "api: listening on {l} without TLS; set `tls_cert`/`tls_key`, or `allow_plaintext = true` behind a TLS-terminating proxy"
+            ));
+        }
+        if let Some(o) = &self.api.oidc {
+            if !https_or_loopback(&o.issuer) {
+                return bad("api.oidc: `issuer` must be an https:// URL".into());
+            }
+            if o.audience.trim().is_empty() {
+                return bad("api.oidc: `audience` must not be empty".into());
+            }
+            if let Some(j) = &o.jwks_url
+                && !https_or_loopback(j)
+            {
+                return bad("api.oidc: `jwks_url` must be an https:// URL".into());
+            }
+        }
         if self.http.max_body_bytes == 0
             || self.http.webhook_batch == 0
             || self.session.delivery_batch == 0
@@ -1335,7 +1413,7 @@ impl Config {
     }
 }
 
-fn valid_domain(d: &str) -> bool {
+pub(crate) fn valid_domain(d: &str) -> bool {
     !d.is_empty()
         && d.len() <= 253
         && d.split('.').all(|l| {

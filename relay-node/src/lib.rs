@@ -12,6 +12,7 @@ pub mod batch;
 pub mod config;
 pub mod control;
 pub mod edges;
+pub mod jwt;
 pub mod node;
 pub mod serve;
 pub mod teams_manifest;

@@ -12,13 +12,19 @@
 
 use crate::admin::{self, AdminState};
 use crate::config::{ClusterConfig, Config, MembershipKind, StoreBackend, StoreConfig};
+use crate::control::api::{self, ApiState};
+use crate::control::approvals::ApprovalBook;
 use crate::control::metadata::MetadataLog;
-use crate::control::policy::Policy;
+use crate::control::policy::store::{
+    AuditEntry, EtcdPolicyStore, MemoryPolicyStore, PolicyStore, StoreError as PolicyStoreError,
+};
+use crate::control::policy::{Policy, PolicyGate, model::PolicyDoc};
 use crate::edges::sip::SipEdge;
 use crate::edges::teams::state::{MemoryKv, RedisKv, TeamsState};
 use crate::edges::teams::{self, TeamsEdge};
 use crate::edges::xmpp::{self, XmppEdge};
 use crate::edges::{Edges, http};
+use crate::jwt::{JwtConfig, JwtVerifier, KeySource};
 use crate::serve;
 use anyhow::Context;
 use cluster::presence::{MemoryPresenceStore, Presence, PresenceStore, RedisPresenceStore};
@@ -55,6 +61,7 @@ pub async fn run(
         teams_kv,
         xmpp_kv,
         sip_kv,
+        approvals_kv,
     } = open_stores(&cfg)?;
     let metadata_sink: Arc<dyn MetadataSink> = Arc::new(metadata.clone());
 
@@ -62,7 +69,13 @@ pub async fn run(
     let http_out = Arc::new(
         http::HttpOutbound::new(&domains, outbox.clone(), &cfg.http).context("webhook client")?,
     );
-    let policy = Arc::new(Policy::from_config(&cfg));
+    let (policy, policy_store) = open_policy(&cfg).await?;
+    let policy_task = policy_store.clone().follow(policy.clone());
+    let approvals = Arc::new(ApprovalBook::new(
+        approvals_kv,
+        &cfg.store.key_prefix,
+        policy.clone(),
+    ));
     let teams = TeamsEdge::from_config(
         &cfg,
         TeamsState::new(teams_kv, &cfg.store.key_prefix),
@@ -147,7 +160,14 @@ pub async fn run(
         grpc_stop_rx,
     )
     .await?;
-    let router = cluster.router.clone();
+    // Every envelope an edge submits passes the policy first.
+    let router: Arc<dyn session_actor::Ingress> = Arc::new(PolicyGate::new(
+        cluster.router.clone(),
+        policy.clone(),
+        metadata_sink.clone(),
+        Some(approvals.clone()),
+    ));
+    approvals.set_ingress(cluster.router.clone());
     if let Some(t) = &teams {
         t.set_ingress(router.clone());
     }
@@ -160,7 +180,7 @@ pub async fn run(
 
     let inbound = Arc::new(http::Inbound {
         domains,
-        policy,
+        policy: policy.clone(),
         ingress: router,
         outbox,
         metadata: metadata_sink,
@@ -185,6 +205,14 @@ pub async fn run(
         .await
         .with_context(|| format!("binding the admin listener to {}", cfg.admin.listen))?;
     let (http_addr, admin_addr) = (http_listener.local_addr()?, admin_listener.local_addr()?);
+    let api_listener = match cfg.api.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the management API to {addr}"))?,
+        ),
+        None => None,
+    };
     let xmpp_server = match (&xmpp, &cfg.xmpp) {
         (Some(x), Some(xc)) => {
             let l = TcpListener::bind(xc.listen)
@@ -223,8 +251,37 @@ pub async fn run(
         admin_listener,
         None,
         admin::router(admin_state.clone()),
-        admin_stop_rx,
+        admin_stop_rx.clone(),
     ));
+    let api_server = match api_listener {
+        Some(l) => {
+            let tls = match (&cfg.api.tls_cert, &cfg.api.tls_key) {
+                (Some(c), Some(k)) => Some(serve::load_tls(c, k)?),
+                _ => None,
+            };
+            info!(api = %l.local_addr()?, tls = tls.is_some(), "management API listening");
+            let cluster_node = cluster.clone();
+            let state = Arc::new(ApiState {
+                policy: policy.clone(),
+                store: policy_store.clone(),
+                approvals: approvals.clone(),
+                teams: teams.clone(),
+                forget_log: None,
+                auth: api_authenticator(&cfg, policy_store.clone())?,
+                cluster: Arc::new(move || {
+                    let c = cluster_node.clone();
+                    Box::pin(async move { admin::cluster_json(&c, false).await })
+                }),
+            });
+            Some(tokio::spawn(serve::serve(
+                l,
+                tls,
+                api::router(state, axum::Router::new()),
+                admin_stop_rx,
+            )))
+        }
+        None => None,
+    };
     info!(
         node_id = %node_id,
         http = %http_addr,
@@ -320,8 +377,12 @@ pub async fn run(
     }
     drop(metadata);
     metadata_task.abort();
+    policy_task.abort();
     let _ = admin_stop_tx.send(true);
     let _ = admin_server.await;
+    if let Some(a) = api_server {
+        let _ = a.await;
+    }
     info!("stopped");
     Ok(())
 }
@@ -380,6 +441,121 @@ fn etcd_tls(c: &ClusterConfig) -> anyhow::Result<Option<cluster::etcd::TlsOption
     Ok(Some(tls))
 }
 
+/// The management API's authenticator: issued tokens, the bootstrap token, OIDC.
+fn api_authenticator(
+    cfg: &Config,
+    store: Arc<dyn PolicyStore>,
+) -> anyhow::Result<api::auth::Authenticator> {
+    let bootstrap = match &cfg.api.bootstrap_token_file {
+        Some(f) => {
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("reading api.bootstrap_token_file {}", f.display()))?;
+            let t = t.trim().to_string();
+            if t.len() < 32 {
+                anyhow::bail!(
+                    "api.bootstrap_token_file: the token must have at least 32 characters"
+                );
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    let oidc = match &cfg.api.oidc {
+        Some(o) => {
+            let mut http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::none());
+            if let Some(ca) = &o.ca_file {
+                let pem = std::fs::read(ca)
+                    .with_context(|| format!("reading api.oidc.ca_file {}", ca.display()))?;
+                http = http.add_root_certificate(
+                    reqwest::Certificate::from_pem(&pem).context("api.oidc.ca_file")?,
+                );
+            }
+            let keys = match &o.jwks_url {
+                Some(j) => KeySource::Jwks(j.clone()),
+                None => KeySource::Metadata(format!(
+                    "{}/.well-known/openid-configuration",
+                    o.issuer.trim_end_matches('/')
+                )),
+            };
+            Some(api::auth::OidcAuth {
+                verifier: JwtVerifier::new(
+                    JwtConfig {
+                        keys,
+                        issuer: o.issuer.clone(),
+                        audience: o.audience.clone(),
+                        skew: Duration::from_secs(60),
+                        refresh: Duration::from_secs(3600),
+                        min_refetch: Duration::from_secs(60),
+                        metric: "fedrelay_api_jwks_fetches_total",
+                    },
+                    http.build().context("the OIDC HTTP client")?,
+                ),
+                roles_claim: o.roles_claim.clone(),
+                domains_claim: o.domains_claim.clone(),
+            })
+        }
+        None => None,
+    };
+    Ok(api::auth::Authenticator::new(
+        store,
+        bootstrap.as_deref(),
+        oidc,
+    ))
+}
+
+/// The policy store (etcd in a cluster, memory otherwise) and the policy it holds; a new
+/// cluster's policy is seeded from the config file.
+async fn open_policy(cfg: &Config) -> anyhow::Result<(Arc<Policy>, Arc<dyn PolicyStore>)> {
+    let store: Arc<dyn PolicyStore> = match cfg.cluster.membership {
+        MembershipKind::Static => Arc::new(MemoryPolicyStore::default()),
+        MembershipKind::Etcd => Arc::new(EtcdPolicyStore::new(
+            cfg.cluster.etcd_endpoints.clone(),
+            &format!("/fedrelay/{}/", cfg.cluster.name),
+            etcd_tls(&cfg.cluster)?,
+        )),
+    };
+    let whence = match cfg.cluster.membership {
+        MembershipKind::Static => "memory",
+        MembershipKind::Etcd => "etcd",
+    };
+    let loaded = match store
+        .load()
+        .await
+        .with_context(|| format!("reading the policy from {whence}"))?
+    {
+        Some(p) => p,
+        None => {
+            let doc = PolicyDoc::from_config(cfg);
+            doc.validate()
+                .context("the policy the config file implies")?;
+            let seed = AuditEntry {
+                at_ms: crate::edges::now_ms(),
+                who: format!("config of node {}", cfg.node_id()),
+                action: "policy.seed".into(),
+                changes: PolicyDoc::default().diff(&doc),
+                detail: None,
+                version: None,
+            };
+            match store.save(&doc, Some(0), seed).await {
+                Ok(v) => {
+                    info!(version = v, "policy seeded from the config file");
+                    (doc, v)
+                }
+                // Another node seeded it first.
+                Err(PolicyStoreError::Conflict { .. }) => store
+                    .load()
+                    .await
+                    .context("reading the policy")?
+                    .context("the policy vanished while seeding it")?,
+                Err(e) => return Err(e).context("seeding the policy"),
+            }
+        }
+    };
+    Ok((Arc::new(Policy::new(loaded.0, loaded.1)), store))
+}
+
 /// Where the node keeps its state.
 struct Stores {
     store: Arc<dyn SessionStore>,
@@ -390,6 +566,7 @@ struct Stores {
     teams_kv: Box<dyn teams::state::Kv>,
     xmpp_kv: Box<dyn teams::state::Kv>,
     sip_kv: Box<dyn teams::state::Kv>,
+    approvals_kv: Box<dyn teams::state::Kv>,
 }
 
 fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
@@ -405,6 +582,7 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
                 teams_kv: Box::<MemoryKv>::default(),
                 xmpp_kv: Box::<MemoryKv>::default(),
                 sip_kv: Box::<MemoryKv>::default(),
+                approvals_kv: Box::<MemoryKv>::default(),
             }
         }
         StoreBackend::Redis => {
@@ -424,6 +602,7 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
             let teams_kv = Box::new(RedisKv::new(store.connection()));
             let xmpp_kv = Box::new(RedisKv::new(store.connection()));
             let sip_kv = Box::new(RedisKv::new(store.connection()));
+            let approvals_kv = Box::new(RedisKv::new(store.connection()));
             Stores {
                 store: Arc::new(store),
                 outbox: Arc::new(outbox),
@@ -433,6 +612,7 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
                 teams_kv,
                 xmpp_kv,
                 sip_kv,
+                approvals_kv,
             }
         }
     })

@@ -49,6 +49,12 @@ pub enum SessionError {
     /// This node does not own the session (ownership moved); route it again.
     #[error("this node does not own session {0}")]
     NotOwner(String),
+    /// The sender's domain is over its rate limit; the origin should retry later.
+    #[error("rate limited: {0}")]
+    RateLimited(String),
+    /// A contact request waits for an administrator's approval (the pending request's id).
+    #[error("waiting for approval: {0}")]
+    PendingApproval(String),
 }
 
 impl SessionError {
@@ -56,7 +62,10 @@ impl SessionError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            SessionError::Store(_) | SessionError::Unavailable(_) | SessionError::NotOwner(_)
+            SessionError::Store(_)
+                | SessionError::Unavailable(_)
+                | SessionError::NotOwner(_)
+                | SessionError::RateLimited(_)
         )
     }
 
@@ -69,6 +78,8 @@ impl SessionError {
             SessionError::Store(_) => "store_unavailable",
             SessionError::Unavailable(_) => "unavailable",
             SessionError::NotOwner(_) => "not_owner",
+            SessionError::RateLimited(_) => "rate_limited",
+            SessionError::PendingApproval(_) => "pending_approval",
         }
     }
 
@@ -80,6 +91,8 @@ impl SessionError {
             "not_allowed" => SessionError::NotAllowed(detail),
             "store_unavailable" => SessionError::Store(StoreError::Unavailable(detail)),
             "not_owner" => SessionError::NotOwner(detail),
+            "rate_limited" => SessionError::RateLimited(detail),
+            "pending_approval" => SessionError::PendingApproval(detail),
             _ => SessionError::Unavailable(detail),
         }
     }

@@ -284,12 +284,14 @@ pub struct RelayNode {
     pub proxy_port: u16,
     /// Substituted for `{SIP_PORT}`: free over both UDP and TCP (the SIP edge's listeners).
     pub sip_port: u16,
+    /// Substituted for `{API_PORT}`: the management API's listener.
+    pub api_port: u16,
     dir: tempfile::TempDir,
 }
 
 impl RelayNode {
     /// Starts `relay-node --config` with `config` (TOML). The strings `{HTTP_PORT}`,
-    /// `{ADMIN_PORT}`, `{GRPC_PORT}`, `{PROXY_PORT}` and `{SIP_PORT}` in it are replaced by free ports
+    /// `{ADMIN_PORT}`, `{GRPC_PORT}`, `{PROXY_PORT}`, `{SIP_PORT}` and `{API_PORT}` in it are replaced by free ports
     /// (kept in the fields of the same names). Waits until `/readyz` answers 200.
     pub fn start(config: &str) -> Result<Self> {
         Self::start_with_env(config, &[])
@@ -317,6 +319,7 @@ impl RelayNode {
             grpc_port: free_port()?,
             proxy_port: free_port()?,
             sip_port: free_udp_tcp_port()?,
+            api_port: free_port()?,
             dir: tempfile::tempdir()?,
         })
     }
@@ -328,7 +331,8 @@ impl RelayNode {
             .replace("{ADMIN_PORT}", &node.admin_port.to_string())
             .replace("{GRPC_PORT}", &node.grpc_port.to_string())
             .replace("{PROXY_PORT}", &node.proxy_port.to_string())
-            .replace("{SIP_PORT}", &node.sip_port.to_string());
+            .replace("{SIP_PORT}", &node.sip_port.to_string())
+            .replace("{API_PORT}", &node.api_port.to_string());
         std::fs::write(node.config_path(), text)?;
         node.spawn(false, env)?;
         Ok(node)
@@ -411,6 +415,11 @@ impl RelayNode {
 
     pub fn admin_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    /// The management API over plain HTTP (a config listening on `{API_PORT}`).
+    pub fn api_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
     }
 
     /// Whether the process was started and has not been stopped by this handle.

@@ -223,6 +223,20 @@ async fn submit(s: &Inbound, mut env: Envelope) -> Response {
         }
         Err(SessionError::Invalid(m)) => error(StatusCode::BAD_REQUEST, "bad_request", m),
         Err(SessionError::NotAllowed(m)) => error(StatusCode::FORBIDDEN, "forbidden", m),
+        Err(SessionError::RateLimited(m)) => {
+            let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", m);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            r
+        }
+        Err(SessionError::PendingApproval(id)) => (
+            StatusCode::ACCEPTED,
+            axum::Json(serde_json::json!({
+                "status": "pending_approval",
+                "approval_id": id,
+            })),
+        )
+            .into_response(),
         Err(SessionError::UnknownTarget) => error(
             StatusCode::UNPROCESSABLE_ENTITY,
             "unknown_target",

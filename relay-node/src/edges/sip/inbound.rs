@@ -147,7 +147,9 @@ pub async fn request(edge: &Arc<SipEdge>, inc: Incoming) {
     let plain = headers.is_empty() && resp.body.is_empty() && reason.is_empty();
     let bytes = Bytes::from(resp.to_bytes());
     let _ = tr;
-    let _ = send_bytes(edge, &inc, bytes.clone()).await;
+    // The transaction completes before its answer leaves: a copy of the request that
+    // arrives once the peer has the answer (over another transport, say) gets it again
+    // instead of being taken for one still in progress.
     if code >= 200 {
         edge.server.complete(
             req,
@@ -158,6 +160,7 @@ pub async fn request(edge: &Arc<SipEdge>, inc: Incoming) {
             },
         );
     }
+    let _ = send_bytes(edge, &inc, bytes.clone()).await;
     if method == "INVITE" && (200..300).contains(&code) && inc.transport == SipTransport::Udp {
         outbound::retransmit_2xx(edge.clone(), inc.src, req, bytes);
     }
@@ -351,6 +354,11 @@ pub(crate) fn session_error(e: &SessionError) -> Reply {
         SessionError::NotAllowed(m) => Reply::why(403, format!("Forbidden: {m}")),
         SessionError::Invalid(m) => Reply::why(400, format!("Bad Request: {m}")),
         SessionError::UnknownTarget => Reply::why(404, "Not Found: unknown message"),
+        // RFC 3261 §21.2.3: accepted, not yet delivered.
+        SessionError::PendingApproval(_) => Reply::why(202, "Accepted: waiting for approval"),
+        SessionError::RateLimited(_) => {
+            Reply::why(503, "Service Unavailable: rate limited").header("Retry-After", "1")
+        }
         _ => Reply::why(503, "Service Unavailable: try again").header("Retry-After", "1"),
     }
 }

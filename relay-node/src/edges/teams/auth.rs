@@ -6,13 +6,9 @@
 //!
 //! The token is checked before the activity is parsed. Nothing here can be switched off.
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::Deserialize;
-use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use crate::jwt::{JwtConfig, JwtError, JwtVerifier, KeySource};
+use std::time::Duration;
 use thiserror::Error;
-use tokio::sync::Mutex as AsyncMutex;
 
 /// Why a request was refused. `Forbidden` ones carried a valid token that does not cover
 /// this activity (HTTP 403); the others are 401.
@@ -105,101 +101,42 @@ pub struct AuthConfig {
     pub min_refetch: Duration,
 }
 
-#[derive(Debug, Clone)]
-struct Key {
-    n: Vec<u8>,
-    e: Vec<u8>,
-    endorsements: Vec<String>,
-}
-
-#[derive(Default)]
-struct KeySet {
-    keys: HashMap<String, Key>,
-    fetched: Option<Instant>,
-    /// When an unknown key id last caused a refetch.
-    refetched: Option<Instant>,
-    /// When a fetch last failed: no other is tried for [`FETCH_BACKOFF`], so an unreachable
-    /// metadata endpoint does not hold every request up.
-    failed: Option<Instant>,
-}
-
-const FETCH_BACKOFF: Duration = Duration::from_secs(10);
-
-/// The verifier with its cached signing keys.
-pub struct BotAuth {
-    cfg: AuthConfig,
-    http: reqwest::Client,
-    keys: AsyncMutex<KeySet>,
-}
-
-#[derive(Deserialize)]
-struct Header {
-    alg: String,
-    kid: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Claims {
-    iss: Option<String>,
-    #[serde(default)]
-    aud: Audience,
-    exp: Option<i64>,
-    nbf: Option<i64>,
-    serviceurl: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(untagged)]
-enum Audience {
-    #[default]
-    None,
-    One(String),
-    Many(Vec<String>),
-}
-
-impl Audience {
-    fn contains(&self, aud: &str) -> bool {
-        match self {
-            Audience::None => false,
-            Audience::One(a) => a == aud,
-            Audience::Many(v) => v.iter().any(|a| a == aud),
+impl From<JwtError> for AuthError {
+    fn from(e: JwtError) -> Self {
+        match e {
+            JwtError::Malformed => AuthError::Malformed,
+            JwtError::Algorithm => AuthError::Algorithm,
+            JwtError::Issuer => AuthError::Issuer,
+            JwtError::UnknownKey => AuthError::UnknownKey,
+            JwtError::Signature => AuthError::Signature,
+            JwtError::Audience => AuthError::Audience,
+            JwtError::Expired => AuthError::Expired,
+            JwtError::NotYetValid => AuthError::NotYetValid,
+            JwtError::KeysUnavailable => AuthError::KeysUnavailable,
         }
     }
 }
 
-#[derive(Deserialize)]
-struct Metadata {
-    jwks_uri: String,
-}
-
-#[derive(Deserialize)]
-struct Jwks {
-    keys: Vec<Jwk>,
-}
-
-#[derive(Deserialize)]
-struct Jwk {
-    kty: Option<String>,
-    kid: Option<String>,
-    n: Option<String>,
-    e: Option<String>,
-    #[serde(default)]
-    endorsements: Vec<String>,
-}
-
-fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+/// The verifier with its cached signing keys.
+pub struct BotAuth {
+    verifier: JwtVerifier,
 }
 
 impl BotAuth {
     pub fn new(cfg: AuthConfig, http: reqwest::Client) -> Self {
         Self {
-            cfg,
-            http,
-            keys: AsyncMutex::new(KeySet::default()),
+            verifier: JwtVerifier::new(
+                JwtConfig {
+                    keys: KeySource::Metadata(cfg.openid_metadata_url),
+                    issuer: cfg.issuer,
+                    audience: cfg.audience,
+                    skew: cfg.skew,
+                    refresh: cfg.refresh,
+                    min_refetch: cfg.min_refetch,
+                    metric: "fedrelay_teams_jwks_fetches_total",
+                },
+                http,
+            ),
         }
     }
 
@@ -212,150 +149,25 @@ impl BotAuth {
             })
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::MissingToken)?;
-        let mut parts = token.split('.');
-        let (Some(h64), Some(c64), Some(s64), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(AuthError::Malformed);
-        };
-        let header: Header = decode_json(h64)?;
-        if header.alg != "RS256" {
-            return Err(AuthError::Algorithm);
-        }
-        let claims: Claims = decode_json(c64)?;
-        if claims.iss.as_deref() != Some(self.cfg.issuer.as_str()) {
-            return Err(AuthError::Issuer);
-        }
-        let sig = URL_SAFE_NO_PAD
-            .decode(s64)
-            .map_err(|_| AuthError::Malformed)?;
-        let kid = header.kid.ok_or(AuthError::UnknownKey)?;
-        let key = self.key(&kid).await?;
-        let signed = &token[..h64.len() + 1 + c64.len()];
-        ring::signature::RsaPublicKeyComponents {
-            n: &key.n,
-            e: &key.e,
-        }
-        .verify(
-            &ring::signature::RSA_PKCS1_2048_8192_SHA256,
-            signed.as_bytes(),
-            &sig,
-        )
-        .map_err(|_| AuthError::Signature)?;
-        if !claims.aud.contains(&self.cfg.audience) {
-            return Err(AuthError::Audience);
-        }
-        let now = now_secs();
-        let skew = self.cfg.skew.as_secs() as i64;
-        match claims.exp {
-            Some(exp) if now <= exp.saturating_add(skew) => {}
-            _ => return Err(AuthError::Expired),
-        }
-        if claims.nbf.is_some_and(|nbf| now < nbf.saturating_sub(skew)) {
-            return Err(AuthError::NotYetValid);
-        }
+        let v = self.verifier.verify(token).await?;
+        let service_url = v
+            .claims
+            .get("serviceurl")
+            .and_then(|s| s.as_str())
+            .ok_or(AuthError::ServiceUrl)?
+            .to_string();
         Ok(Verified {
-            service_url: claims.serviceurl.ok_or(AuthError::ServiceUrl)?,
-            endorsements: key.endorsements,
+            service_url,
+            endorsements: v.endorsements,
         })
     }
-
-    /// The key `kid`: from the cache while it is fresh; an unknown id refetches the keys
-    /// once, at most once per `min_refetch`. That limit counts only such refetches, not the
-    /// scheduled ones: a key rotated in just after a scheduled fetch is still found.
-    async fn key(&self, kid: &str) -> Result<Key, AuthError> {
-        let mut set = self.keys.lock().await;
-        let stale = set.fetched.is_none_or(|t| t.elapsed() >= self.cfg.refresh);
-        if !stale && let Some(k) = set.keys.get(kid) {
-            return Ok(k.clone());
-        }
-        let backing_off = set.failed.is_some_and(|t| t.elapsed() < FETCH_BACKOFF);
-        if backing_off && set.keys.is_empty() {
-            return Err(AuthError::KeysUnavailable);
-        }
-        let may_refetch = !backing_off
-            && (stale
-                || set
-                    .refetched
-                    .is_none_or(|t| t.elapsed() >= self.cfg.min_refetch));
-        if may_refetch {
-            if !stale {
-                set.refetched = Some(Instant::now());
-            }
-            match self.fetch().await {
-                Ok(keys) => {
-                    metrics::counter!("fedrelay_teams_jwks_fetches_total", "result" => "ok")
-                        .increment(1);
-                    set.keys = keys;
-                    set.fetched = Some(Instant::now());
-                    set.failed = None;
-                }
-                Err(e) => {
-                    metrics::counter!("fedrelay_teams_jwks_fetches_total", "result" => "error")
-                        .increment(1);
-                    tracing::warn!(error = %e, "could not fetch the Bot Framework signing keys");
-                    set.failed = Some(Instant::now());
-                    // Keys still cached keep working while the metadata is unreachable.
-                    if set.keys.is_empty() {
-                        return Err(AuthError::KeysUnavailable);
-                    }
-                }
-            }
-        }
-        set.keys.get(kid).cloned().ok_or(AuthError::UnknownKey)
-    }
-
-    async fn fetch(&self) -> Result<HashMap<String, Key>, reqwest::Error> {
-        let meta: Metadata = self
-            .http
-            .get(&self.cfg.openid_metadata_url)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        let jwks: Jwks = self
-            .http
-            .get(&meta.jwks_uri)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        let mut keys = HashMap::new();
-        for k in jwks.keys {
-            if k.kty.as_deref() != Some("RSA") {
-                continue;
-            }
-            let (Some(kid), Some(n), Some(e)) = (k.kid, k.n, k.e) else {
-                continue;
-            };
-            let (Ok(n), Ok(e)) = (URL_SAFE_NO_PAD.decode(n), URL_SAFE_NO_PAD.decode(e)) else {
-                continue;
-            };
-            keys.insert(
-                kid,
-                Key {
-                    n,
-                    e,
-                    endorsements: k.endorsements,
-                },
-            );
-        }
-        Ok(keys)
-    }
-}
-
-fn decode_json<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, AuthError> {
-    let raw = URL_SAFE_NO_PAD
-        .decode(part)
-        .map_err(|_| AuthError::Malformed)?;
-    serde_json::from_slice(&raw).map_err(|_| AuthError::Malformed)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
     #[test]
     fn endorsements_and_service_url_are_checked() {

@@ -239,6 +239,9 @@ fn describe_refusal(e: &PolicyError) -> String {
             html::escape(from),
             html::escape(to)
         ),
+        PolicyError::Denied { reason, .. } => {
+            format!("That is not allowed here: {}.", html::escape(reason))
+        }
     }
 }
 
@@ -474,9 +477,15 @@ impl Ctx<'_> {
             Err(SessionError::Invalid(_)) => Err(self
                 .say("That could not be sent: the message is not valid.")
                 .await),
-            Err(SessionError::NotAllowed(_)) => {
-                Err(self.say("That is not allowed in this conversation.").await)
-            }
+            Err(SessionError::NotAllowed(m)) => Err(self
+                .say(&format!("That was not sent: {}.", html::escape(&m)))
+                .await),
+            Err(SessionError::PendingApproval(_)) => Err(self
+                .say("Your request waits for an administrator's approval; I will pass it on once it is approved.")
+                .await),
+            Err(SessionError::RateLimited(_)) => Err(self
+                .say("Your organisation is sending too many messages right now; that one was not sent. Try again in a moment.")
+                .await),
             Err(SessionError::UnknownTarget) => Err(self
                 .say("I don't know that message any more, so the change was not relayed.")
                 .await),

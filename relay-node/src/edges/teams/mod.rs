@@ -133,6 +133,11 @@ impl TeamsEdge {
         })))
     }
 
+    /// What the edge keeps about Teams users (profiles, contacts, conversations).
+    pub fn state(&self) -> &TeamsState {
+        &self.state
+    }
+
     /// Connects the edge to the node's router.
     pub fn set_ingress(&self, ingress: Arc<dyn Ingress>) {
         let _ = self.ingress.set(ingress);

@@ -227,6 +227,14 @@ pub struct TeamsUser {
     pub service_url: String,
 }
 
+/// What [`TeamsState::forget_user`] erased.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Forgotten {
+    pub profile: bool,
+    pub conversation: bool,
+    pub contacts: usize,
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ContactState {
@@ -411,6 +419,35 @@ impl TeamsState {
                 .await?;
         }
         self.kv.del(&self.user_key(domain, user), "focus").await
+    }
+
+    /// Erases everything kept about a Teams user: their profile (id, name, email), focus and
+    /// status, their contacts, their conversation reference and its recent message maps, and
+    /// the claim on their user name. What was erased, by kind.
+    pub async fn forget_user(&self, domain: &str, user: &str) -> Result<Forgotten, StateError> {
+        let mut out = Forgotten::default();
+        if let Some(u) = self.user(domain, user).await? {
+            out.profile = true;
+            if !u.conversation.is_empty() {
+                out.conversation = true;
+                let now = bucket_now();
+                for b in [now, now.saturating_sub(1)] {
+                    self.kv
+                        .remove(&self.messages_key(&u.conversation, b))
+                        .await?;
+                }
+            }
+            if !u.aad.is_empty() {
+                self.kv.del(&self.aad_key(&u.tenant), &u.aad).await?;
+                if self.kv.get(&self.names_key(domain), user).await?.as_deref() == Some(&u.aad) {
+                    self.kv.del(&self.names_key(domain), user).await?;
+                }
+            }
+        }
+        out.contacts = self.contacts(domain, user).await?.len();
+        self.kv.remove(&self.contacts_key(domain, user)).await?;
+        self.kv.remove(&self.user_key(domain, user)).await?;
+        Ok(out)
     }
 
     pub async fn focus(&self, domain: &str, user: &str) -> Result<Option<Thread>, StateError> {

@@ -809,6 +809,11 @@ async fn stanza(edge: &Arc<XmppEdge>, st: &Element) {
                 Err(SessionError::NotAllowed(m)) => {
                     reply_error(edge, st, "cancel", "not-allowed", &m);
                 }
+                // A subscription request stays pending, as XMPP has it, until approved.
+                Err(SessionError::PendingApproval(_)) => {}
+                Err(SessionError::RateLimited(m)) => {
+                    reply_error(edge, st, "wait", "resource-constraint", &m);
+                }
                 Err(SessionError::Invalid(m)) => {
                     reply_error(edge, st, "modify", "bad-request", &m);
                 }
