@@ -158,6 +158,13 @@ pub struct OidcConfig {
     pub domains_claim: String,
     /// A CA (PEM) to trust for the provider's HTTPS instead of the system's roots.
     pub ca_file: Option<PathBuf>,
+    /// Clock difference allowed on `exp` and `nbf`.
+    #[serde(default = "default_oidc_skew")]
+    pub clock_skew_secs: u64,
+}
+
+fn default_oidc_skew() -> u64 {
+    60
 }
 
 fn default_roles_claim() -> String {
@@ -1037,6 +1044,9 @@ listen = "127.0.0.1:8080"
 
 [admin]
 listen = "127.0.0.1:9090"
+
+[api]
+listen = "127.0.0.1:9443"
 
 [store]
 backend = "memory"

@@ -157,6 +157,14 @@ fn run() -> anyhow::Result<()> {
             for p in cfg.sip.iter().flat_map(|s| &s.peers) {
                 p.password()?;
             }
+            if let Some(f) = &cfg.api.bootstrap_token_file {
+                let t = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading api.bootstrap_token_file {}", f.display()))?;
+                anyhow::ensure!(
+                    t.trim().len() >= 32,
+                    "api.bootstrap_token_file: the token must have at least 32 characters"
+                );
+            }
         }
         println!(
             "{}: ok ({} domains, {} federation rules{})",
@@ -172,7 +180,7 @@ fn run() -> anyhow::Result<()> {
         return Ok(());
     }
     let cfg = match (cli.dev, cli.config) {
-        (true, _) => Config::dev(std::env::vars())?,
+        (true, _) => dev_api_token(Config::dev(std::env::vars())?)?,
         (false, Some(path)) => Config::load(&path, std::env::vars())?,
         (false, None) => anyhow::bail!("give --config FILE, or --dev for the embedded default"),
     };
@@ -190,6 +198,36 @@ fn run() -> anyhow::Result<()> {
         let metrics = admin::install_metrics()?;
         node::run(cfg, metrics, shutdown_signal()).await
     })
+}
+
+/// `--dev` without a bootstrap token: a fresh one, in a file only this user can read, whose
+/// path is printed (never the token).
+fn dev_api_token(mut cfg: Config) -> anyhow::Result<Config> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if cfg.api.listen.is_none() || cfg.api.bootstrap_token_file.is_some() {
+        return Ok(cfg);
+    }
+    let dir = std::env::temp_dir().join(format!("fedrelay-dev-{}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("api-token");
+    let token = format!("dev-{}", hex::encode(rand::random::<[u8; 24]>()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut f, token.as_bytes())?;
+    eprintln!(
+        "relay-node --dev: management API admin token in {} (relayctl --token-file {})",
+        path.display(),
+        path.display()
+    );
+    cfg.api.bootstrap_token_file = Some(path);
+    Ok(cfg)
 }
 
 /// `relay-node cluster status`: asks a node's `GET /cluster` and prints it.

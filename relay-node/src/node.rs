@@ -15,10 +15,12 @@ use crate::config::{ClusterConfig, Config, MembershipKind, StoreBackend, StoreCo
 use crate::control::api::{self, ApiState};
 use crate::control::approvals::ApprovalBook;
 use crate::control::metadata::MetadataLog;
+use crate::control::metering::{Metering, PolicySides};
 use crate::control::policy::store::{
     AuditEntry, EtcdPolicyStore, MemoryPolicyStore, PolicyStore, StoreError as PolicyStoreError,
 };
 use crate::control::policy::{Policy, PolicyGate, model::PolicyDoc};
+use crate::control::usage::{DEFAULT_FLUSH_INTERVAL, UsageAggregator, UsageConfig, UsageStore};
 use crate::edges::sip::SipEdge;
 use crate::edges::teams::state::{MemoryKv, RedisKv, TeamsState};
 use crate::edges::teams::{self, TeamsEdge};
@@ -62,15 +64,24 @@ pub async fn run(
         xmpp_kv,
         sip_kv,
         approvals_kv,
+        usage: usage_store,
     } = open_stores(&cfg)?;
-    let metadata_sink: Arc<dyn MetadataSink> = Arc::new(metadata.clone());
+    let (policy, policy_store) = open_policy(&cfg).await?;
+    let policy_task = policy_store.clone().follow(policy.clone());
+    let usage_agg = UsageAggregator::new(
+        Arc::new(PolicySides(policy.clone())),
+        UsageConfig::default(),
+    );
+    let (metering, usage_feed) = Metering::new(metadata.clone(), usage_agg.clone());
+    let metadata_sink: Arc<dyn MetadataSink> = Arc::new(metering);
+    let (usage_stop_tx, usage_stop_rx) = watch::channel(false);
+    let usage_flusher =
+        usage_agg.spawn_flusher(usage_store.clone(), DEFAULT_FLUSH_INTERVAL, usage_stop_rx);
 
     let domains = Arc::new(http::Domains::from_config(&cfg)?);
     let http_out = Arc::new(
         http::HttpOutbound::new(&domains, outbox.clone(), &cfg.http).context("webhook client")?,
     );
-    let (policy, policy_store) = open_policy(&cfg).await?;
-    let policy_task = policy_store.clone().follow(policy.clone());
     let approvals = Arc::new(ApprovalBook::new(
         approvals_kv,
         &cfg.store.key_prefix,
@@ -267,6 +278,7 @@ pub async fn run(
                 approvals: approvals.clone(),
                 teams: teams.clone(),
                 forget_log: None,
+                usage: usage_store.clone(),
                 auth: api_authenticator(&cfg, policy_store.clone())?,
                 cluster: Arc::new(move || {
                     let c = cluster_node.clone();
@@ -378,6 +390,16 @@ pub async fn run(
     drop(metadata);
     metadata_task.abort();
     policy_task.abort();
+    // Usage: everything recorded is added, then flushed once more.
+    usage_feed.settle().await;
+    let _ = usage_stop_tx.send(true);
+    if tokio::time::timeout(Duration::from_secs(5), usage_flusher)
+        .await
+        .is_err()
+    {
+        warn!("usage counters not flushed before the deadline");
+    }
+    usage_feed.abort();
     let _ = admin_stop_tx.send(true);
     let _ = admin_server.await;
     if let Some(a) = api_server {
@@ -485,7 +507,7 @@ fn api_authenticator(
                         keys,
                         issuer: o.issuer.clone(),
                         audience: o.audience.clone(),
-                        skew: Duration::from_secs(60),
+                        skew: Duration::from_secs(o.clock_skew_secs),
                         refresh: Duration::from_secs(3600),
                         min_refetch: Duration::from_secs(60),
                         metric: "fedrelay_api_jwks_fetches_total",
@@ -567,6 +589,7 @@ struct Stores {
     xmpp_kv: Box<dyn teams::state::Kv>,
     sip_kv: Box<dyn teams::state::Kv>,
     approvals_kv: Box<dyn teams::state::Kv>,
+    usage: UsageStore,
 }
 
 fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
@@ -583,6 +606,7 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
                 xmpp_kv: Box::<MemoryKv>::default(),
                 sip_kv: Box::<MemoryKv>::default(),
                 approvals_kv: Box::<MemoryKv>::default(),
+                usage: UsageStore::memory(cfg.metadata.retention_days),
             }
         }
         StoreBackend::Redis => {
@@ -603,6 +627,11 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
             let xmpp_kv = Box::new(RedisKv::new(store.connection()));
             let sip_kv = Box::new(RedisKv::new(store.connection()));
             let approvals_kv = Box::new(RedisKv::new(store.connection()));
+            let usage = UsageStore::redis(
+                store.connection(),
+                &cfg.store.key_prefix,
+                cfg.metadata.retention_days,
+            );
             Stores {
                 store: Arc::new(store),
                 outbox: Arc::new(outbox),
@@ -613,6 +642,7 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
                 xmpp_kv,
                 sip_kv,
                 approvals_kv,
+                usage,
             }
         }
     })

@@ -343,11 +343,13 @@ impl RelayNode {
         let mut node = Self::unstarted()?;
         let http = format!("127.0.0.1:{}", node.http_port);
         let admin = format!("127.0.0.1:{}", node.admin_port);
+        let api = format!("127.0.0.1:{}", node.api_port);
         node.spawn(
             true,
             &[
                 ("FEDRELAY_HTTP__LISTEN", http.as_str()),
                 ("FEDRELAY_ADMIN__LISTEN", admin.as_str()),
+                ("FEDRELAY_API__LISTEN", api.as_str()),
             ],
         )?;
         Ok(node)

@@ -880,13 +880,13 @@ fn print_changes(changes: &[Value]) {
 }
 
 fn print_usage(v: &Value) {
-    let rows: Vec<Vec<String>> = v["months"]
+    let rows: Vec<Vec<String>> = v["periods"]
         .as_array()
         .into_iter()
         .flatten()
         .map(|m| {
             vec![
-                s(&m["month"]),
+                s(&m["period"]),
                 s(&m["messages"]),
                 s(&m["unique_users"]),
                 s(&m["errors"]),

@@ -113,6 +113,8 @@ pub struct ApiState {
     pub teams: Option<Arc<crate::edges::teams::TeamsEdge>>,
     /// Pseudonymises an address in the metadata log; the number of entries rewritten.
     pub forget_log: Option<ForgetLog>,
+    /// Usage counters, for reports.
+    pub usage: crate::control::usage::UsageStore,
     pub auth: Authenticator,
     /// The cluster view, as the admin listener's `/cluster` gives it.
     pub cluster: Arc<dyn Fn() -> futures::future::BoxFuture<'static, Value> + Send + Sync>,
@@ -151,6 +153,8 @@ pub fn router(state: Arc<ApiState>, extra: Router<Arc<ApiState>>) -> Router {
             "/api/v1/users/{address}/forget",
             axum::routing::post(forget_user),
         )
+        .route("/api/v1/usage", get(usage_report))
+        .route("/api/v1/usage/today", get(usage_today))
         .route("/api/v1/approvals", get(list_approvals))
         .route(
             "/api/v1/approvals/{id}/approve",
@@ -1203,4 +1207,77 @@ async fn forget_user(
         })
         .await?;
     Ok(Json(json!({ "address": address, "summary": summary })).into_response())
+}
+
+// === usage ===
+
+#[derive(Deserialize)]
+struct UsageQuery {
+    /// Months ending with the one of `end` (default 12).
+    #[serde(default)]
+    months: Option<u32>,
+    /// `YYYY-MM-DD`, default today (UTC).
+    #[serde(default)]
+    end: Option<String>,
+    /// `json` (default) or `csv`.
+    #[serde(default)]
+    format: Option<String>,
+}
+
+fn usage_error(e: crate::control::usage::UsageError) -> ApiError {
+    use crate::control::usage::UsageError;
+    match e {
+        UsageError::InvalidDay(_) | UsageError::InvalidRange(_) => {
+            ApiError::bad_request(e.to_string())
+        }
+        _ => ApiError::unavailable(e.to_string()),
+    }
+}
+
+fn usage_answer(report: crate::control::usage::UsageReport, format: Option<&str>) -> ApiResult {
+    match format.unwrap_or("json") {
+        "json" => Ok(Json(report).into_response()),
+        "csv" => Ok((
+            [
+                (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"fedrelay-usage.csv\"",
+                ),
+            ],
+            report.to_csv(),
+        )
+            .into_response()),
+        other => Err(ApiError::bad_request(format!(
+            "unknown format `{other}`: json or csv"
+        ))),
+    }
+}
+
+/// `GET /api/v1/usage`: unique users and messages per month over the trailing months, by
+/// internal and external domain, platform and type.
+async fn usage_report(
+    State(s): State<Arc<ApiState>>,
+    Extension(p): Extension<Principal>,
+    Query(q): Query<UsageQuery>,
+) -> ApiResult {
+    p.require(&[Role::Admin, Role::Auditor])?;
+    let end = q
+        .end
+        .clone()
+        .unwrap_or_else(|| crate::control::metadata::day_of(crate::edges::now_ms()));
+    let months = q.months.unwrap_or(12);
+    let report = s.usage.report(&end, months).await.map_err(usage_error)?;
+    usage_answer(report, q.format.as_deref())
+}
+
+/// `GET /api/v1/usage/today`: today so far (UTC).
+async fn usage_today(
+    State(s): State<Arc<ApiState>>,
+    Extension(p): Extension<Principal>,
+    Query(q): Query<UsageQuery>,
+) -> ApiResult {
+    p.require(&[Role::Admin, Role::Auditor])?;
+    let report = s.usage.today().await.map_err(usage_error)?;
+    usage_answer(report, q.format.as_deref())
 }
