@@ -13,6 +13,9 @@
 //! (target: ≤ 1 µs with 10,000 rules). Without `--bench`, as `cargo test --all-targets` runs
 //! it, a small size checks that the decisions are the expected ones and nothing more.
 
+#![allow(clippy::print_stdout)]
+
+use anyhow::Context;
 use relay_node::config::Platform;
 use relay_node::control::policy::Policy;
 use relay_node::control::policy::compiled::{Compiled, Party};
@@ -122,7 +125,7 @@ fn build(size: &Size) -> PolicyDoc {
     doc
 }
 
-fn main() {
+fn main() -> anyhow::Result<()> {
     let full = std::env::args().any(|a| a == "--bench");
     let size = if full {
         Size {
@@ -144,7 +147,7 @@ fn main() {
         }
     };
     let doc = build(&size);
-    doc.validate().expect("the generated policy is valid");
+    doc.validate().context("the generated policy is valid")?;
     let t = Instant::now();
     let compiled = Compiled::new(doc.clone(), 1);
     let compile = t.elapsed();
@@ -184,7 +187,7 @@ fn main() {
             .trim_start_matches("partner")
             .trim_end_matches(".example.org")
             .parse()
-            .expect("index");
+            .context("index")?;
         if e % 50 == 49 {
             assert!(!d.is_allowed(), "rule r{e} denies");
         }
@@ -266,4 +269,5 @@ fn main() {
             if worst <= 1000.0 { "met" } else { "NOT met" }
         );
     }
+    Ok(())
 }

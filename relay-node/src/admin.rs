@@ -166,5 +166,45 @@ pub fn install_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus
         "fedrelay_backpressure_total",
         "messages refused because a recipient had too many undelivered"
     );
+    metrics::describe_gauge!(
+        "fedrelay_policy_version",
+        "the federation policy version this node enforces (etcd mod revision)"
+    );
+    metrics::describe_counter!(
+        "fedrelay_policy_applied_total",
+        "policy versions compiled and applied on this node"
+    );
+    metrics::describe_counter!(
+        "fedrelay_policy_rejected_total",
+        "stored policy versions that failed validation and were not applied"
+    );
+    metrics::describe_counter!(
+        "fedrelay_policy_watch_errors_total",
+        "losses of the policy watch on etcd (the last good policy stays in force)"
+    );
+    metrics::describe_counter!(
+        "fedrelay_approvals_held_total",
+        "contact requests held for an administrator's approval"
+    );
+    metrics::describe_counter!(
+        "fedrelay_api_errors_total",
+        "management API requests answered with an error, by code"
+    );
+    metrics::describe_counter!(
+        "fedrelay_api_jwks_fetches_total",
+        "fetches of the OpenID Connect provider's signing keys, by result"
+    );
+    metrics::describe_counter!(
+        "fedrelay_usage_flushes_total",
+        "usage counter batches written to the store"
+    );
+    metrics::describe_counter!(
+        "fedrelay_usage_flush_errors_total",
+        "usage counter writes that failed (kept and retried)"
+    );
+    metrics::describe_counter!(
+        "fedrelay_usage_users_dropped_total",
+        "users not counted as unique because the node's pending set was full"
+    );
     Ok(handle)
 }

@@ -282,7 +282,8 @@ pub struct Enforced {
 }
 
 /// An envelope the policy refuses as a whole.
-#[derive(Debug)]
+#[derive(Debug, Error)]
+#[error("{code}: {reason}")]
 pub struct Refusal {
     pub code: &'static str,
     pub reason: String,

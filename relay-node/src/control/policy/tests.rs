@@ -1,6 +1,7 @@
 use super::compiled::{Compiled, DecidedBy, Outcome, Party};
 use super::model::{Kind, PolicyDoc};
 use super::*;
+use anyhow::Context;
 use fedrelay_proto::v1;
 
 const DOC: &str = r#"
@@ -83,13 +84,13 @@ who = ["alice@contoso.com"]
 deny = ["frank@partner.org"]
 "#;
 
-fn compiled() -> Compiled {
-    let doc = PolicyDoc::parse(DOC).expect("valid policy");
-    Compiled::new(doc, 7)
+fn compiled() -> anyhow::Result<Compiled> {
+    let doc = PolicyDoc::parse(DOC).context("valid policy")?;
+    Ok(Compiled::new(doc, 7))
 }
 
 fn p<'a>(a: &'a str) -> Party<'a> {
-    let (user, domain) = a.split_once('@').expect("user@domain");
+    let (user, domain) = a.split_once('@').unwrap_or((a, ""));
     Party { user, domain }
 }
 
@@ -105,8 +106,8 @@ fn deny_code(d: Decision) -> Option<&'static str> {
 }
 
 #[test]
-fn the_most_specific_rule_decides_and_deny_wins_at_equal_specificity() {
-    let c = compiled();
+fn the_most_specific_rule_decides_and_deny_wins_at_equal_specificity() -> anyhow::Result<()> {
+    let c = compiled()?;
     // The exact pair beats the wildcard rule, which allows no files.
     let d = decide(
         &c,
@@ -135,11 +136,12 @@ fn the_most_specific_rule_decides_and_deny_wins_at_equal_specificity() {
     // The same in the other direction.
     let d = decide(&c, "r@rival.com", "alice@contoso.com", Kind::Im, false);
     assert_eq!(deny_code(d), Some("denied_by_rule"));
+    Ok(())
 }
 
 #[test]
-fn what_no_rule_allows_is_refused() {
-    let c = compiled();
+fn what_no_rule_allows_is_refused() -> anyhow::Result<()> {
+    let c = compiled()?;
     let d = decide(&c, "x@partner.org", "y@supplier.net", Kind::Im, false);
     assert_eq!(deny_code(d), Some("not_federated"));
     assert_eq!(d.by, DecidedBy::Default);
@@ -148,11 +150,12 @@ fn what_no_rule_allows_is_refused() {
     // A domain does not talk to itself unless a rule says so.
     let d = decide(&c, "x@partner.org", "y@partner.org", Kind::Im, false);
     assert_eq!(deny_code(d), Some("not_federated"));
+    Ok(())
 }
 
 #[test]
-fn only_internal_users_start_conversations_where_the_rule_says_so() {
-    let c = compiled();
+fn only_internal_users_start_conversations_where_the_rule_says_so() -> anyhow::Result<()> {
+    let c = compiled()?;
     let d = decide(
         &c,
         "bob@partner.org",
@@ -191,11 +194,12 @@ fn only_internal_users_start_conversations_where_the_rule_says_so() {
         true,
     );
     assert_eq!(deny_code(d), Some("internal_initiates_only"));
+    Ok(())
 }
 
 #[test]
-fn user_controls_narrow_what_domain_rules_allow() {
-    let c = compiled();
+fn user_controls_narrow_what_domain_rules_allow() -> anyhow::Result<()> {
+    let c = compiled()?;
     // Carol (group sales, written in mixed case) may reach partner.org and eve only.
     assert!(decide(&c, "carol@contoso.com", "bob@partner.org", Kind::Im, false).is_allowed());
     assert!(decide(&c, "carol@contoso.com", "eve@supplier.net", Kind::Im, false).is_allowed());
@@ -226,11 +230,12 @@ fn user_controls_narrow_what_domain_rules_allow() {
     assert_eq!(deny_code(d), Some("user_not_allowed"));
     assert_eq!(d.by, DecidedBy::UserControl(2));
     assert!(decide(&c, "alice@contoso.com", "bob@partner.org", Kind::Im, false).is_allowed());
+    Ok(())
 }
 
 #[test]
-fn contact_requests_with_an_approval_domain_wait_for_an_administrator() {
-    let c = compiled();
+fn contact_requests_with_an_approval_domain_wait_for_an_administrator() -> anyhow::Result<()> {
+    let c = compiled()?;
     let d = decide(
         &c,
         "lab@labs.contoso.com",
@@ -252,11 +257,12 @@ fn contact_requests_with_an_approval_domain_wait_for_an_administrator() {
         .outcome,
         Outcome::Allow
     ));
+    Ok(())
 }
 
 #[test]
-fn the_rate_limit_of_a_domain_refuses_beyond_its_burst() {
-    let c = compiled();
+fn the_rate_limit_of_a_domain_refuses_beyond_its_burst() -> anyhow::Result<()> {
+    let c = compiled()?;
     assert!(c.admit("busy.example"));
     assert!(c.admit("busy.example"));
     assert!(!c.admit("busy.example"));
@@ -264,14 +270,15 @@ fn the_rate_limit_of_a_domain_refuses_beyond_its_burst() {
     for _ in 0..100 {
         assert!(c.admit("contoso.com"));
     }
+    Ok(())
 }
 
 #[test]
-fn explanations_name_the_rule_that_decided() {
-    let policy = Policy::new(PolicyDoc::parse(DOC).expect("valid"), 3);
+fn explanations_name_the_rule_that_decided() -> anyhow::Result<()> {
+    let policy = Policy::new(PolicyDoc::parse(DOC).context("valid")?, 3);
     let e = policy
         .explain("Alice@Contoso.com", "r@rival.com", Kind::Im)
-        .expect("addresses");
+        .context("addresses")?;
     assert!(!e.allowed);
     assert_eq!(e.code, Some("denied_by_rule"));
     assert_eq!(e.decided_by.kind, "rule");
@@ -280,12 +287,12 @@ fn explanations_name_the_rule_that_decided() {
     assert_eq!(e.policy_version, 3);
     let e = policy
         .explain("x@partner.org", "y@supplier.net", Kind::Im)
-        .expect("addresses");
+        .context("addresses")?;
     assert_eq!(e.decided_by.kind, "default");
     assert!(e.reason.contains("default deny"), "{}", e.reason);
     let e = policy
         .explain("carol@contoso.com", "zed@supplier.net", Kind::Im)
-        .expect("addresses");
+        .context("addresses")?;
     assert_eq!(e.decided_by.kind, "user_control");
     assert_eq!(e.decided_by.id.as_deref(), Some("sales-partner-only"));
     assert!(
@@ -293,6 +300,7 @@ fn explanations_name_the_rule_that_decided() {
             .explain("nobody", "y@supplier.net", Kind::Im)
             .is_none()
     );
+    Ok(())
 }
 
 fn text_env(from: (&str, &str), to: &[(&str, &str)]) -> Envelope {
@@ -308,20 +316,20 @@ fn text_env(from: (&str, &str), to: &[(&str, &str)]) -> Envelope {
 }
 
 #[test]
-fn enforcement_drops_refused_recipients_and_refuses_when_none_is_left() {
-    let policy = Policy::new(PolicyDoc::parse(DOC).expect("valid"), 1);
+fn enforcement_drops_refused_recipients_and_refuses_when_none_is_left() -> anyhow::Result<()> {
+    let policy = Policy::new(PolicyDoc::parse(DOC).context("valid")?, 1);
     let mut env = text_env(
         ("alice", "contoso.com"),
         &[("bob", "partner.org"), ("r", "rival.com")],
     );
-    let done = policy.enforce(&mut env).expect("bob is allowed");
+    let done = policy.enforce(&mut env).context("bob is allowed")?;
     assert_eq!(env.recipients.len(), 1);
     assert_eq!(env.recipients[0].user, "bob");
     assert_eq!(done.refused.len(), 1);
     assert_eq!(done.refused[0].1.code, Some("denied_by_rule"));
 
     let mut env = text_env(("alice", "contoso.com"), &[("r", "rival.com")]);
-    let r = policy.enforce(&mut env).expect_err("refused");
+    let r = policy.enforce(&mut env).err().context("refused")?;
     assert_eq!(r.code, "denied_by_rule");
     assert!(r.reason.contains("no-rival"));
 
@@ -329,13 +337,14 @@ fn enforcement_drops_refused_recipients_and_refuses_when_none_is_left() {
     let mut env = text_env(("alice", "contoso.com"), &[("r", "rival.com")]);
     env.body = Some(v1::envelope::Body::Error(v1::Error::default()));
     assert!(policy.enforce(&mut env).is_ok());
+    Ok(())
 }
 
 #[test]
-fn a_new_version_applies_at_once_and_an_older_one_never_rolls_back() {
-    let policy = Policy::new(PolicyDoc::parse(DOC).expect("valid"), 5);
+fn a_new_version_applies_at_once_and_an_older_one_never_rolls_back() -> anyhow::Result<()> {
+    let policy = Policy::new(PolicyDoc::parse(DOC).context("valid")?, 5);
     assert!(policy.check("contoso.com", "partner.org").is_ok());
-    let mut doc = PolicyDoc::parse(DOC).expect("valid");
+    let mut doc = PolicyDoc::parse(DOC).context("valid")?;
     doc.rules
         .retain(|r| r.id != "partner" && r.id != "contoso-any");
     assert!(policy.apply(doc.clone(), 6));
@@ -346,13 +355,14 @@ fn a_new_version_applies_at_once_and_an_older_one_never_rolls_back() {
             to: "partner.org".into()
         })
     );
-    assert!(!policy.apply(PolicyDoc::parse(DOC).expect("valid"), 4));
+    assert!(!policy.apply(PolicyDoc::parse(DOC).context("valid")?, 4));
     assert!(policy.check("contoso.com", "partner.org").is_err());
     assert_eq!(*policy.subscribe().borrow(), 6);
+    Ok(())
 }
 
 #[test]
-fn invalid_documents_are_refused_with_the_reason() {
+fn invalid_documents_are_refused_with_the_reason() -> anyhow::Result<()> {
     let cases = [
         (
             "[[rules]]\nid = \"r\"\nbetween = [\"a.example\", \"*\"]\naction = \"allow\"\n",
@@ -385,14 +395,15 @@ fn invalid_documents_are_refused_with_the_reason() {
         ("[surprise]\n", "surprise"),
     ];
     for (text, why) in cases {
-        let e = PolicyDoc::parse(text).expect_err(text);
+        let e = PolicyDoc::parse(text).err().context(text)?;
         assert!(e.to_string().contains(why), "{text}: {e}");
     }
+    Ok(())
 }
 
 #[test]
-fn a_diff_lists_what_was_added_removed_and_changed() {
-    let old = PolicyDoc::parse(DOC).expect("valid");
+fn a_diff_lists_what_was_added_removed_and_changed() -> anyhow::Result<()> {
+    let old = PolicyDoc::parse(DOC).context("valid")?;
     let mut new = old.clone();
     new.rules.retain(|r| r.id != "busy");
     new.rules[0].kinds = None;
@@ -415,11 +426,13 @@ fn a_diff_lists_what_was_added_removed_and_changed() {
     );
     assert!(old.diff(&old).is_empty());
     // The file form reads back to the same policy.
-    assert_eq!(PolicyDoc::parse(&old.to_toml()).expect("round trip"), old);
+    assert_eq!(PolicyDoc::parse(&old.to_toml()).context("round trip")?, old);
     assert_eq!(
-        PolicyDoc::parse(&serde_json::to_string(&old).expect("json")).expect("json round trip"),
+        PolicyDoc::parse(&serde_json::to_string(&old).context("json")?)
+            .context("json round trip")?,
         old
     );
+    Ok(())
 }
 
 #[test]

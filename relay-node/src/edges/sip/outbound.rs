@@ -470,7 +470,8 @@ pub(crate) async fn watcher_subscribe(
                 }),
             );
             let r = inbound::journal(edge, env).await;
-            if r.code != 200 {
+            // 202: held for an administrator's approval; the subscription waits pending.
+            if r.code != 200 && r.code != 202 {
                 return r;
             }
         }
