@@ -15,10 +15,10 @@ const BOOTSTRAP: &str = "bootstrap-token-of-the-control-plane-tests-0123456789";
 
 /// Node `i` of a cluster with the management API on `{API_PORT}` and the bootstrap token in
 /// `token_file`.
-fn config_with_api(token_file: String) -> NodeConfig {
+fn config_with_api(token_file: String, api_extra: String) -> NodeConfig {
     Box::new(move |redis, etcd, name, i| {
         let extra = format!(
-            "{}[api]\nlisten = \"127.0.0.1:{{API_PORT}}\"\nbootstrap_token_file = \"{token_file}\"\n",
+            "{}[api]\nlisten = \"127.0.0.1:{{API_PORT}}\"\nbootstrap_token_file = \"{token_file}\"\n{api_extra}",
             etcd_section(name, etcd, 3)
         );
         node_config(redis, &extra, i, &[])
@@ -33,13 +33,18 @@ struct World {
 
 impl World {
     async fn start(name: &str, nodes: usize) -> Result<Self> {
+        Self::start_with(name, nodes, String::new()).await
+    }
+
+    /// With `api_extra` after the `[api]` keys (an `[api.oidc]` table, say).
+    async fn start_with(name: &str, nodes: usize, api_extra: String) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let token_file = dir.path().join("bootstrap-token");
         std::fs::write(&token_file, format!("{BOOTSTRAP}\n"))?;
         let cluster = Cluster::start(
             name,
             nodes,
-            config_with_api(token_file.display().to_string()),
+            config_with_api(token_file.display().to_string(), api_extra),
             Vec::new(),
             Duration::from_secs(20),
         )
@@ -570,8 +575,43 @@ async fn state_of(w: &World) -> Result<(Value, Value, usize)> {
 #[tokio::test]
 async fn every_role_reaches_exactly_its_endpoints_and_refusals_change_nothing() -> Result<()> {
     use reqwest::Method;
-    let w = World::start("cp-roles", 1).await?;
+    use test_support::oidc::{OidcClient, OidcProvider, OidcSetup};
+    // The enterprise's identity provider: access tokens for the API (and for another API).
+    let idp = OidcProvider::start(
+        OidcSetup::new()
+            .resource("urn:fedrelay:api")
+            .resource("urn:other:api")
+            .client(OidcClient::new("idp-admin", "secret-1").claim("roles", json!(["admin"])))
+            .client(OidcClient::new("idp-auditor", "secret-2").claim("roles", json!("auditor")))
+            .client(
+                OidcClient::new("idp-a-admin", "secret-3")
+                    .claim("roles", json!(["domain-admin"]))
+                    .claim("domains", json!(["a.example"])),
+            )
+            .client(OidcClient::new("idp-nobody", "secret-4"))
+            .client(
+                OidcClient::new("idp-brief", "secret-5")
+                    .claim("roles", json!(["admin"]))
+                    .ttl(2),
+            ),
+    )?;
+    let w = World::start_with(
+        "cp-roles",
+        1,
+        format!(
+            "[api.oidc]\nissuer = \"{}\"\naudience = \"urn:fedrelay:api\"\nclock_skew_secs = 0\n",
+            idp.issuer()
+        ),
+    )
+    .await?;
     let mut tokens = std::collections::BTreeMap::new();
+    for (name, client, secret) in [
+        ("oidc-admin", "idp-admin", "secret-1"),
+        ("oidc-auditor", "idp-auditor", "secret-2"),
+        ("oidc-a-admin", "idp-a-admin", "secret-3"),
+    ] {
+        tokens.insert(name, idp.token(client, secret, "urn:fedrelay:api").await?);
+    }
     for (name, role, domains) in [
         ("admin", "admin", json!([])),
         ("auditor", "auditor", json!([])),
@@ -602,7 +642,17 @@ async fn every_role_reaches_exactly_its_endpoints_and_refusals_change_nothing() 
         "hashes are not shown either: {list}"
     );
 
-    const ALL: &[&str] = &["admin", "auditor", "a-admin", "d-admin"];
+    const ALL: &[&str] = &[
+        "admin",
+        "auditor",
+        "a-admin",
+        "d-admin",
+        "oidc-admin",
+        "oidc-auditor",
+        "oidc-a-admin",
+    ];
+    // An OIDC caller may what the API token of the same role may.
+    let may = |c: &Case, who: &str| c.allowed.contains(&who.trim_start_matches("oidc-"));
     const ADMINS: &[&str] = &["admin", "a-admin", "d-admin"];
     const A_SIDE: &[&str] = &["admin", "a-admin"];
     const READERS: &[&str] = &["admin", "auditor"];
@@ -692,11 +742,11 @@ async fn every_role_reaches_exactly_its_endpoints_and_refusals_change_nothing() 
         // allowed caller changes it.
         let order = ALL
             .iter()
-            .filter(|w| !c.allowed.contains(w))
-            .chain(ALL.iter().filter(|w| c.allowed.contains(w)));
+            .filter(|w| !may(c, w))
+            .chain(ALL.iter().filter(|w| may(c, w)));
         for who in order {
             let token = &tokens[who];
-            let allowed = c.allowed.contains(who);
+            let allowed = may(c, who);
             let before = state_of(&w).await?;
             let (s, v) = w
                 .call(0, c.method.clone(), c.path, Some(token), c.body.as_ref())
@@ -720,7 +770,41 @@ async fn every_role_reaches_exactly_its_endpoints_and_refusals_change_nothing() 
             checked += 1;
         }
     }
-    ensure!(checked == cases.len() * 7, "{checked} checks");
+    ensure!(checked == cases.len() * (3 + ALL.len()), "{checked} checks");
+
+    // An OIDC token for another audience, or from the right provider without a fedrelay role.
+    let other = idp.token("idp-admin", "secret-1", "urn:other:api").await?;
+    let (s, v) = w.get(0, "/api/v1/whoami", &other).await?;
+    ensure!(
+        s == 401 && v["message"].as_str().unwrap_or("").contains("audience"),
+        "a token for another API: {s} {v}"
+    );
+    let nobody = idp
+        .token("idp-nobody", "secret-4", "urn:fedrelay:api")
+        .await?;
+    let (s, v) = w.get(0, "/api/v1/whoami", &nobody).await?;
+    ensure!(
+        s == 403 && v["message"].as_str().unwrap_or("").contains("role"),
+        "{s} {v}"
+    );
+    // An expired OIDC token.
+    let brief = idp
+        .token("idp-brief", "secret-5", "urn:fedrelay:api")
+        .await?;
+    let (s, v) = w.get(0, "/api/v1/whoami", &brief).await?;
+    ensure!(s == 200 && v["name"] == "oidc:idp-brief", "{s} {v}");
+    let v = test_support::wait_for("the OIDC token to expire", Duration::from_secs(10), || {
+        let (w, brief) = (&w, &brief);
+        async move {
+            let (s, v) = w.get(0, "/api/v1/whoami", brief).await.ok()?;
+            (s == 401).then_some(v)
+        }
+    })
+    .await?;
+    ensure!(
+        v["message"].as_str().unwrap_or("").contains("expired"),
+        "{v}"
+    );
 
     // A domain admin sees only its own rules.
     let (s, v) = w.get(0, "/api/v1/rules", &tokens["d-admin"]).await?;

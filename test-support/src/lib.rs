@@ -8,6 +8,7 @@
 pub mod certs;
 mod etcd;
 pub mod fake_bot_connector;
+pub mod oidc;
 pub mod prosody;
 mod proxy;
 pub mod sipp;
