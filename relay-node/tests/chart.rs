@@ -228,33 +228,39 @@ fn listen_port(t: &toml::Table, section: &str) -> Result<i64> {
 }
 
 /// The files relay.toml names, as (`section.key`, path): every `*_file` key and every TLS file
-/// (`tls_cert`, `tls_key`, `tls_ca`, `etcd_tls_*`), in tables and arrays of tables.
+/// (`tls_cert`, `tls_key`, `tls_ca`, `etcd_tls_*`), in tables, nested tables (`[api.oidc]`) and
+/// arrays of tables.
 fn named_files(t: &toml::Table) -> Vec<(String, String)> {
     fn visit(at: &str, table: &toml::Table, files: &mut Vec<(String, String)>) {
         for (k, v) in table {
-            let is_file = k.ends_with("_file")
-                || k.ends_with("tls_cert")
-                || k.ends_with("tls_key")
-                || k.ends_with("tls_ca");
-            if let (true, Some(p)) = (is_file, v.as_str()) {
-                files.push((format!("{at}.{k}"), p.to_string()));
+            let here = if at.is_empty() {
+                k.clone()
+            } else {
+                format!("{at}.{k}")
+            };
+            match v {
+                toml::Value::Table(inner) => visit(&here, inner, files),
+                toml::Value::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        if let Some(inner) = item.as_table() {
+                            visit(&format!("{here}[{i}]"), inner, files);
+                        }
+                    }
+                }
+                toml::Value::String(p)
+                    if k.ends_with("_file")
+                        || k.ends_with("tls_cert")
+                        || k.ends_with("tls_key")
+                        || k.ends_with("tls_ca") =>
+                {
+                    files.push((here, p.clone()));
+                }
+                _ => {}
             }
         }
     }
     let mut files = Vec::new();
-    for (section, v) in t {
-        match v {
-            toml::Value::Table(table) => visit(section, table, &mut files),
-            toml::Value::Array(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    if let Some(table) = item.as_table() {
-                        visit(&format!("{section}[{i}]"), table, &mut files);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
+    visit("", t, &mut files);
     files
 }
 
@@ -716,8 +722,9 @@ fn the_rendered_relay_toml_passes_check_config() -> Result<()> {
             "{case}: relay-node check-config refuses the rendered relay.toml:\n{}\n{toml}",
             output_text(&out)
         );
-        // Without the flag, check-config reads the domains' secret files and the bot's
-        // password file (not TLS material or the XMPP dialback secret).
+        // Without the flag, check-config reads the domains' secret files, the bot's password
+        // file and the management API's bootstrap token (not TLS material or the XMPP
+        // dialback secret).
         let table = toml_table(&toml)?;
         let uses_secret_files = table
             .get("domains")
@@ -727,7 +734,10 @@ fn the_rendered_relay_toml_passes_check_config() -> Result<()> {
             .any(|d| d.get("secret_file").is_some())
             || table
                 .get("teams")
-                .is_some_and(|t| t.get("app_password_file").is_some());
+                .is_some_and(|t| t.get("app_password_file").is_some())
+            || table
+                .get("api")
+                .is_some_and(|a| a.get("bootstrap_token_file").is_some());
         let out = check_config(&file, &env, false)?;
         if uses_secret_files {
             // The secret files exist only in the pod: reading them is what the flag skips.
@@ -1714,6 +1724,370 @@ fn the_sip_service_exposes_the_enabled_transports() -> Result<()> {
     Ok(())
 }
 
+fn toml_str<'a>(t: &'a toml::Table, at: &str, key: &str) -> Result<&'a str> {
+    t.get(key)
+        .and_then(toml::Value::as_str)
+        .with_context(|| format!("relay.toml has no string {at}.{key}"))
+}
+
+/// The API variant (`ci/api.yaml`) serves the management API to clients in the cluster:
+/// relay.toml's `[api]` listens on the pods' address, on the container port that the `-api`
+/// ClusterIP Service targets; its certificate, key, bootstrap token and the OIDC provider's CA
+/// are files mounted read-only from the Secrets and keys the values give; `[api.oidc]` carries
+/// the values; `check-config` accepts it, and refuses it without TLS, with an `http://` issuer or
+/// without an audience, which the chart refuses to render; the NetworkPolicy lets
+/// `networkPolicy.apiFrom` in on the API port and the pods out to the provider's port. With
+/// `exposure: loopback` the API listens on 127.0.0.1 only (kubectl port-forward), without a
+/// Service, a container port or a NetworkPolicy rule; with `enabled: false` it is not there.
+#[test]
+fn the_api_variant_serves_the_management_api_with_its_secrets_mounted() -> Result<()> {
+    let values_file = chart().join("ci/api.yaml");
+    let values: Value = serde_norway::from_str(&std::fs::read_to_string(&values_file)?)?;
+    let defaults: Value =
+        serde_norway::from_str(&std::fs::read_to_string(chart().join("values.yaml"))?)?;
+    // A value of the ci file, or the default.
+    let value = |path: &[&str]| -> Value {
+        let get = |root: &Value| {
+            let mut v = root;
+            for p in path {
+                v = &v[*p];
+            }
+            v.clone()
+        };
+        match get(&values["api"]) {
+            Value::Null => get(&defaults["api"]),
+            v => v,
+        }
+    };
+    let docs = render("ci/api.yaml", Some(&values_file))?;
+    let text = relay_toml(&docs)?;
+    let toml = toml_table(&text)?;
+    let api = toml
+        .get("api")
+        .and_then(toml::Value::as_table)
+        .context("relay.toml has no [api]")?;
+    let oidc = api
+        .get("oidc")
+        .and_then(toml::Value::as_table)
+        .context("relay.toml has no [api.oidc]")?;
+    let sts = find(&docs, "StatefulSet", &fullname())?;
+    let spec = &sts["spec"]["template"]["spec"];
+    let relay = relay_container(sts)?;
+
+    // On the pods' address, on the container port the Service targets; HTTPS only.
+    let port = value(&["port"])
+        .as_i64()
+        .context("no api.port in values.yaml")?;
+    ensure!(
+        toml_str(api, "api", "listen")? == format!("0.0.0.0:{port}"),
+        "api.listen is {}",
+        toml_str(api, "api", "listen")?
+    );
+    ensure!(
+        api.get("allow_plaintext") == Some(&toml::Value::Boolean(false)),
+        "api.allow_plaintext is {:?} with TLS",
+        api.get("allow_plaintext")
+    );
+    let container_port = relay["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "api")
+        .context("the relay container has no api port")?;
+    ensure!(
+        container_port["containerPort"] == port && container_port["protocol"] == "TCP",
+        "the api port is {container_port}"
+    );
+    let svc = find(&docs, "Service", &format!("{}-api", fullname()))?;
+    let svc_port = &svc["spec"]["ports"][0];
+    ensure!(
+        svc["spec"]["type"] == "ClusterIP"
+            && svc["spec"]["ports"]
+                .as_array()
+                .is_some_and(|p| p.len() == 1)
+            && svc_port["name"] == "https"
+            && svc_port["port"] == value(&["service", "port"])
+            && svc_port["targetPort"] == "api"
+            && svc_port["protocol"] == "TCP",
+        "the API Service is {}",
+        svc["spec"]
+    );
+    ensure!(
+        svc["metadata"]["annotations"] == values["api"]["service"]["annotations"],
+        "the API Service's annotations are {}",
+        svc["metadata"]["annotations"]
+    );
+    ensure!(
+        svc["metadata"]["labels"]["app.kubernetes.io/component"] == "relay-api",
+        "the API Service's labels are {}",
+        svc["metadata"]["labels"]
+    );
+
+    // Certificate, key, bootstrap token and the provider's CA: files from the values' Secrets.
+    let tls_secret = value(&["tls", "secretName"]);
+    for (table, at, key, secret, secret_key) in [
+        (
+            api,
+            "api",
+            "tls_cert",
+            tls_secret.clone(),
+            Value::from("tls.crt"),
+        ),
+        (api, "api", "tls_key", tls_secret, Value::from("tls.key")),
+        (
+            api,
+            "api",
+            "bootstrap_token_file",
+            value(&["bootstrapToken", "secretName"]),
+            value(&["bootstrapToken", "key"]),
+        ),
+        (
+            oidc,
+            "api.oidc",
+            "ca_file",
+            value(&["oidc", "caSecretName"]),
+            value(&["oidc", "caKey"]),
+        ),
+    ] {
+        let (want_secret, want_key) = secret
+            .as_str()
+            .zip(secret_key.as_str())
+            .with_context(|| format!("the ci file gives no Secret for {at}.{key}"))?;
+        let path = toml_str(table, at, key)?;
+        let (got_secret, got_key) =
+            mounted_secret(spec, relay, path).with_context(|| format!("{at}.{key}"))?;
+        ensure!(
+            got_secret == want_secret && got_key == want_key,
+            "{at}.{key} = {path} is {got_secret}/{got_key} in the pod, not {want_secret}/{want_key}"
+        );
+    }
+    ensure!(
+        value(&["bootstrapToken", "key"]) != defaults["api"]["bootstrapToken"]["key"]
+            && value(&["oidc", "caKey"]) != defaults["api"]["oidc"]["caKey"],
+        "the ci file should name keys other than the defaults"
+    );
+
+    // [api.oidc] as the values give it, defaults where they give none.
+    for (key, v) in [
+        ("issuer", "issuer"),
+        ("audience", "audience"),
+        ("jwks_url", "jwksUrl"),
+        ("roles_claim", "rolesClaim"),
+        ("domains_claim", "domainsClaim"),
+    ] {
+        ensure!(
+            Some(toml_str(oidc, "api.oidc", key)?) == value(&["oidc", v]).as_str(),
+            "api.oidc.{key} is {}, the values give {}",
+            toml_str(oidc, "api.oidc", key)?,
+            value(&["oidc", v])
+        );
+    }
+    ensure!(
+        oidc.get("clock_skew_secs")
+            .and_then(toml::Value::as_integer)
+            == value(&["oidc", "clockSkewSecs"]).as_i64(),
+        "api.oidc.clock_skew_secs is {:?}",
+        oidc.get("clock_skew_secs")
+    );
+
+    // check-config accepts it, and refuses what the chart refuses to render: the API on the
+    // pods' address without TLS, an issuer that is not https://, OIDC without an audience.
+    let env = pod_env(sts)?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("relay.toml");
+    std::fs::write(&file, &text)?;
+    let out = check_config(&file, &env, true)?;
+    ensure!(
+        out.status.success() && output_text(&out).contains(": ok ("),
+        "relay-node check-config refuses the API variant:\n{}\n{text}",
+        output_text(&out)
+    );
+    let issuer = toml_str(oidc, "api.oidc", "issuer")?;
+    let plain_issuer = issuer.replacen("https://", "http://", 1);
+    let audience_line = format!(
+        "audience = {}\n",
+        toml::Value::from(toml_str(oidc, "api.oidc", "audience")?)
+    );
+    let mut no_tls = text.clone();
+    for key in ["tls_cert", "tls_key"] {
+        no_tls = no_tls.replace(&format!("{key} = \"{}\"\n", toml_str(api, "api", key)?), "");
+    }
+    for (what, broken, relay_says, sets, chart_says) in [
+        (
+            "no TLS",
+            no_tls,
+            "without TLS",
+            vec!["api.tls.secretName=".to_string()],
+            vec!["api.tls.secretName", "api.allowPlaintext"],
+        ),
+        (
+            "an http:// issuer",
+            text.replace(issuer, &plain_issuer),
+            "issuer",
+            vec![format!("api.oidc.issuer={plain_issuer}")],
+            vec!["api.oidc.issuer", "https://"],
+        ),
+        (
+            "no audience",
+            text.replace(&audience_line, ""),
+            "audience",
+            vec!["api.oidc.audience=".to_string()],
+            vec!["api.oidc.audience"],
+        ),
+    ] {
+        ensure!(broken != text, "{what}: nothing removed from relay.toml");
+        let f = dir.path().join("broken.toml");
+        std::fs::write(&f, &broken)?;
+        let out = check_config(&f, &env, true)?;
+        ensure!(
+            !out.status.success() && output_text(&out).contains(relay_says),
+            "{what}: check-config did not refuse it:\n{}",
+            output_text(&out)
+        );
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        match template(Some(&values_file), &sets)? {
+            Ok(_) => bail!("{what} ({sets:?}) rendered"),
+            Err(e) => {
+                for w in chart_says {
+                    ensure!(e.contains(w), "{what}: the error does not name {w}:\n{e}");
+                }
+            }
+        }
+    }
+
+    // NetworkPolicy: the API port from networkPolicy.apiFrom only; HTTPS out to httpsTo on
+    // httpsPorts and the provider's port (8443 in the ci file).
+    let np = find(&docs, "NetworkPolicy", &fullname())?;
+    let rules: Vec<&Value> = np["spec"]["ingress"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| {
+            r["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["port"] == port)
+        })
+        .collect();
+    let api_from = &values["networkPolicy"]["apiFrom"];
+    ensure!(
+        api_from.as_array().is_some_and(|a| !a.is_empty())
+            && rules.len() == 1
+            && rules[0]["ports"] == serde_json::json!([{"port": port, "protocol": "TCP"}])
+            && &rules[0]["from"] == api_from,
+        "the NetworkPolicy rules for the API port are {rules:?}"
+    );
+    let https_to = &values["networkPolicy"]["egress"]["httpsTo"];
+    let ports = egress_ports_to(&docs, https_to)?;
+    ensure!(
+        https_to.is_array() && ports == BTreeSet::from([443, 8443]),
+        "egress to {https_to} on {ports:?}, not 443 and the provider's 8443"
+    );
+
+    // Plain HTTP on the pods' address when allowed (behind a TLS-terminating proxy).
+    let plain = documents(
+        &template(
+            Some(&values_file),
+            &["api.tls.secretName=", "api.allowPlaintext=true"],
+        )?
+        .map_err(|e| anyhow::anyhow!("api.allowPlaintext=true did not render:\n{e}"))?,
+    )?;
+    let plain_text = relay_toml(&plain)?;
+    let plain_api = toml_table(&plain_text)?;
+    let plain_api = plain_api
+        .get("api")
+        .and_then(toml::Value::as_table)
+        .context("no [api] with api.allowPlaintext")?;
+    ensure!(
+        plain_api.get("allow_plaintext") == Some(&toml::Value::Boolean(true))
+            && plain_api.get("tls_cert").is_none()
+            && find(&plain, "Service", &format!("{}-api", fullname()))?["spec"]["ports"][0]["name"]
+                == "http",
+        "[api] with api.allowPlaintext: {plain_api:?}"
+    );
+    std::fs::write(&file, &plain_text)?;
+    let out = check_config(
+        &file,
+        &pod_env(find(&plain, "StatefulSet", &fullname())?)?,
+        true,
+    )?;
+    ensure!(
+        out.status.success(),
+        "check-config refuses the API in plain HTTP with allow_plaintext:\n{}",
+        output_text(&out)
+    );
+
+    // On loopback (kubectl port-forward): no Service, container port or ingress rule, and no
+    // TLS needed.
+    let loopback = documents(
+        &template(
+            Some(&values_file),
+            &["api.exposure=loopback", "api.tls.secretName="],
+        )?
+        .map_err(|e| anyhow::anyhow!("api.exposure=loopback did not render:\n{e}"))?,
+    )?;
+    let loopback_text = relay_toml(&loopback)?;
+    let loopback_toml = toml_table(&loopback_text)?;
+    ensure!(
+        loopback_toml.get("api").and_then(|a| a.get("listen"))
+            == Some(&toml::Value::from(format!("127.0.0.1:{port}"))),
+        "api.listen with api.exposure=loopback: {:?}",
+        loopback_toml.get("api")
+    );
+    let loopback_sts = find(&loopback, "StatefulSet", &fullname())?;
+    ensure!(
+        relay_container(loopback_sts)?["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|p| p["name"] != "api")
+            && !loopback
+                .iter()
+                .any(|d| kind(d) == "Service" && name(d) == format!("{}-api", fullname())),
+        "a container port or Service for an API on loopback"
+    );
+    let np = find(&loopback, "NetworkPolicy", &fullname())?;
+    ensure!(
+        np["spec"]["ingress"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|r| r["ports"].as_array().into_iter().flatten())
+            .all(|p| p["port"] != port),
+        "a NetworkPolicy rule for an API on loopback: {}",
+        np["spec"]["ingress"]
+    );
+    std::fs::write(&file, &loopback_text)?;
+    let out = check_config(&file, &pod_env(loopback_sts)?, true)?;
+    ensure!(
+        out.status.success(),
+        "check-config refuses the API on loopback without TLS:\n{}",
+        output_text(&out)
+    );
+
+    // Off: no [api], nothing mounted for it.
+    let off = documents(
+        &template(Some(&values_file), &["api.enabled=false"])?
+            .map_err(|e| anyhow::anyhow!("api.enabled=false did not render:\n{e}"))?,
+    )?;
+    ensure!(
+        !toml_table(&relay_toml(&off)?)?.contains_key("api"),
+        "[api] with api.enabled=false"
+    );
+    let off_sts = find(&off, "StatefulSet", &fullname())?;
+    ensure!(
+        !off_sts["spec"]["template"]["spec"]["volumes"]
+            .to_string()
+            .contains("fedrelay-api-tls")
+            && !off
+                .iter()
+                .any(|d| kind(d) == "Service" && name(d) == format!("{}-api", fullname())),
+        "API Secrets or Service with api.enabled=false"
+    );
+    Ok(())
+}
+
 fn pod_specs(docs: &[Value]) -> Vec<(String, &Value)> {
     docs.iter()
         .filter(|d| matches!(kind(d), "StatefulSet" | "Deployment" | "Job" | "DaemonSet"))
@@ -1906,6 +2280,62 @@ fn pods_are_locked_down_and_the_grace_period_covers_the_drain() -> Result<()> {
                 sip.container_ports.is_empty() && sip.service.is_none(),
                 "{case}: a SIP port or Service without the edge in relay.toml"
             );
+        }
+        // The management API: on loopback (kubectl port-forward) no port, Service or
+        // NetworkPolicy rule; on the pods' address a container port, the `-api` Service (never
+        // the HTTP edge's) and an ingress rule.
+        let api_service = docs
+            .iter()
+            .find(|d| kind(d) == "Service" && name(d) == format!("{}-api", fullname()));
+        let edge = find(&docs, "Service", &fullname())?;
+        ensure!(
+            edge["spec"]["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|p| p["targetPort"] == "http"),
+            "{case}: the HTTP edge's Service exposes more than the edge: {}",
+            edge["spec"]
+        );
+        let api_listen = toml
+            .get("api")
+            .and_then(|a| a.get("listen"))
+            .and_then(toml::Value::as_str);
+        match api_listen {
+            Some(listen) if !listen.starts_with("127.0.0.1:") => {
+                let port = listen_port(&toml, "api")?;
+                ensure!(
+                    port_of("api") == Some(port),
+                    "{case}: the api port differs from api.listen"
+                );
+                let svc = api_service.with_context(|| format!("{case}: no API Service"))?;
+                ensure!(
+                    svc["spec"]["type"] == "ClusterIP"
+                        && svc["spec"]["ports"]
+                            .as_array()
+                            .is_some_and(|ps| ps.iter().all(|p| p["targetPort"] == "api")),
+                    "{case}: the API Service is {}",
+                    svc["spec"]
+                );
+                if let Some(np) = docs
+                    .iter()
+                    .find(|d| kind(d) == "NetworkPolicy" && name(d) == fullname())
+                {
+                    ensure!(
+                        np["spec"]["ingress"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .flat_map(|r| r["ports"].as_array().into_iter().flatten())
+                            .any(|p| p["port"].as_i64() == Some(port)),
+                        "{case}: the NetworkPolicy lets nothing reach the management API"
+                    );
+                }
+            }
+            _ => ensure!(
+                port_of("api").is_none() && api_service.is_none(),
+                "{case}: an API port or Service while the API listens on {api_listen:?}"
+            ),
         }
         for (probe, path) in [
             ("readinessProbe", "/readyz"),
@@ -2407,6 +2837,94 @@ fn bad_values_fail_rendering_with_a_message_naming_them() -> Result<()> {
             ),
         ),
         (
+            "the management API on the pods' address without TLS",
+            (
+                vec!["api.exposure=service"],
+                vec![
+                    "api.exposure=service",
+                    "api.tls.secretName",
+                    "api.allowPlaintext=true",
+                    "port-forward",
+                ],
+            ),
+        ),
+        (
+            "an unknown exposure of the management API",
+            (vec!["api.exposure=public"], vec!["api.exposure"]),
+        ),
+        (
+            "the management API on the admin port",
+            (
+                vec!["api.port=9090"],
+                vec!["api.port", "admin.port", "9090"],
+            ),
+        ),
+        (
+            "the management API on the XMPP edge's port",
+            (
+                vec![
+                    "xmpp.enabled=true",
+                    "xmpp.tls.secretName=xmpp-tls",
+                    "api.port=5269",
+                ],
+                vec!["api.port", "xmpp.port", "5269"],
+            ),
+        ),
+        (
+            "OIDC without an issuer",
+            (
+                vec!["api.oidc.audience=urn:fedrelay:api"],
+                vec!["api.oidc.issuer", "https://"],
+            ),
+        ),
+        (
+            "OIDC without an audience",
+            (
+                vec!["api.oidc.issuer=https://sso.contoso.example/realms/corp"],
+                vec![
+                    "api.oidc.issuer=https://sso.contoso.example/realms/corp",
+                    "api.oidc.audience",
+                ],
+            ),
+        ),
+        (
+            "an OIDC issuer that is not https://",
+            (
+                vec![
+                    "api.oidc.issuer=http://sso.contoso.example/realms/corp",
+                    "api.oidc.audience=urn:fedrelay:api",
+                ],
+                vec![
+                    "api.oidc.issuer=http://sso.contoso.example/realms/corp",
+                    "https://",
+                ],
+            ),
+        ),
+        (
+            "an OIDC signing-key URL that is not https://",
+            (
+                vec![
+                    "api.oidc.issuer=https://sso.contoso.example/realms/corp",
+                    "api.oidc.audience=urn:fedrelay:api",
+                    "api.oidc.jwksUrl=http://sso.contoso.example/certs",
+                ],
+                vec![
+                    "api.oidc.jwksUrl=http://sso.contoso.example/certs",
+                    "https://",
+                ],
+            ),
+        ),
+        (
+            "a bootstrap token Secret without a key",
+            (
+                vec![
+                    "api.bootstrapToken.secretName=api-bootstrap",
+                    "api.bootstrapToken.key=",
+                ],
+                vec!["api.bootstrapToken.key"],
+            ),
+        ),
+        (
             "an unknown top-level key",
             (vec!["replicaCount=3"], vec!["replicaCount"]),
         ),
@@ -2601,6 +3119,17 @@ fn bad_values_fail_rendering_with_a_message_naming_them() -> Result<()> {
             "sip.peers[0].username=fedrelay",
             "sip.peers[0].passwordSecret.secretName=sip-peers",
         ],
+        // The management API on the pods' address with TLS, or in plain HTTP when allowed; on
+        // loopback (the default) without either; OIDC with issuer and audience; off, nothing
+        // of it is checked.
+        vec!["api.exposure=service", "api.tls.secretName=api-tls"],
+        vec!["api.exposure=service", "api.allowPlaintext=true"],
+        vec![
+            "api.oidc.issuer=https://sso.contoso.example/realms/corp",
+            "api.oidc.audience=urn:fedrelay:api",
+            "api.bootstrapToken.secretName=api-bootstrap",
+        ],
+        vec!["api.enabled=false", "api.exposure=service", "api.port=9090"],
     ] {
         if let Err(e) = template(None, &sets)? {
             bail!("{sets:?} did not render:\n{e}");

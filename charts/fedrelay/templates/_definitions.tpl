@@ -326,6 +326,7 @@ values to change.
 {{- end }}
 {{- include "fedrelay.validateXmpp" (dict "root" $ "names" $names) }}
 {{- include "fedrelay.validateSip" (dict "root" $ "names" $names) }}
+{{- include "fedrelay.validateApi" . }}
 {{- range $v.federation }}
 {{- range .between }}
 {{- if not (hasKey $names (lower .)) }}
@@ -383,6 +384,110 @@ values to change.
 {{- end }}
 
 {{- define "fedrelay.xmppDir" -}}/etc/fedrelay/xmpp{{- end }}
+
+{{/* Checks of the management API's values: where the relay would refuse its [api] section. */}}
+{{- define "fedrelay.validateApi" -}}
+{{- $v := .Values }}
+{{- $a := $v.api }}
+{{- if $a.enabled }}
+{{- if and (eq $a.exposure "service") (not $a.tls.secretName) (not $a.allowPlaintext) }}
+{{- fail "api.exposure=service puts the management API on the pods' address, where the relay refuses it without TLS: set api.tls.secretName (a kubernetes.io/tls Secret), or api.allowPlaintext=true behind a TLS-terminating proxy; or keep api.exposure=loopback and reach it through kubectl port-forward" }}
+{{- end }}
+{{- $o := $a.oidc }}
+{{- if or $o.issuer $o.audience $o.jwksUrl $o.caSecretName }}
+{{- if not $o.issuer }}
+{{- fail "api.oidc needs api.oidc.issuer: the https:// URL of the OpenID Connect provider (the iss of its tokens); or leave api.oidc.audience, jwksUrl and caSecretName empty for no OIDC" }}
+{{- end }}
+{{- if not $o.audience }}
+{{- fail (printf "api.oidc.issuer=%s needs api.oidc.audience: the aud the API's access tokens carry (the relay refuses OIDC without it)" $o.issuer) }}
+{{- end }}
+{{- if not (hasPrefix "https://" $o.issuer) }}
+{{- fail (printf "api.oidc.issuer=%s is not an https:// URL: the relay fetches the provider's signing keys from it and refuses anything else" $o.issuer) }}
+{{- end }}
+{{- if and $o.jwksUrl (not (hasPrefix "https://" $o.jwksUrl)) }}
+{{- fail (printf "api.oidc.jwksUrl=%s is not an https:// URL: the relay refuses signing keys fetched otherwise" $o.jwksUrl) }}
+{{- end }}
+{{- end }}
+{{- $ports := dict "http.port" $v.http.port "admin.port" $v.admin.port }}
+{{- if include "fedrelay.clustered" . }}{{ $_ := set $ports "cluster.grpcPort" $v.cluster.grpcPort }}{{ end }}
+{{- if $v.xmpp.enabled }}{{ $_ := set $ports "xmpp.port" $v.xmpp.port }}{{ end }}
+{{- if $v.sip.enabled }}
+{{- range $t := list "tcp" "tls" }}{{ with get $v.sip $t }}{{ if .enabled }}{{ $_ := set $ports (printf "sip.%s.port" $t) .port }}{{ end }}{{ end }}{{ end }}
+{{- end }}
+{{- range $name, $port := $ports }}
+{{- if eq (int $port) (int $a.port) }}
+{{- fail (printf "api.port and %s are both %d: the management API needs a port of its own (default 9443)" $name (int $port)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "fedrelay.apiDir" -}}/etc/fedrelay/api{{- end }}
+
+{{/*
+The management API's certificate and key (tls.crt, tls.key), the bootstrap token
+(bootstrap-token) and the OIDC provider's CA (oidc-ca.crt), in one projected volume of the relay
+pods (not the loadtest Job's). Rendered when there is something to mount.
+*/}}
+{{- define "fedrelay.apiSources" -}}
+{{- $a := .Values.api }}
+{{- $sources := list }}
+{{- if $a.enabled }}
+{{- if $a.tls.secretName }}
+{{- $sources = append $sources (dict "secret" (dict "name" $a.tls.secretName "items" (list (dict "key" "tls.crt" "path" "tls.crt") (dict "key" "tls.key" "path" "tls.key")))) }}
+{{- end }}
+{{- if $a.bootstrapToken.secretName }}
+{{- $sources = append $sources (dict "secret" (dict "name" $a.bootstrapToken.secretName "items" (list (dict "key" $a.bootstrapToken.key "path" "bootstrap-token")))) }}
+{{- end }}
+{{- if and $a.oidc.issuer $a.oidc.caSecretName }}
+{{- $sources = append $sources (dict "secret" (dict "name" $a.oidc.caSecretName "items" (list (dict "key" $a.oidc.caKey "path" "oidc-ca.crt")))) }}
+{{- end }}
+{{- end }}
+{{- $sources | toJson }}
+{{- end }}
+
+{{- define "fedrelay.apiVolumeMounts" -}}
+{{- if ne (include "fedrelay.apiSources" .) "[]" }}
+- name: api
+  mountPath: {{ include "fedrelay.apiDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "fedrelay.apiVolumes" -}}
+{{- $sources := include "fedrelay.apiSources" . }}
+{{- if ne $sources "[]" }}
+- name: api
+  projected:
+    defaultMode: 288 # 0440
+    sources:
+      {{- $sources | fromJsonArray | toYaml | nindent 6 }}
+{{- end }}
+{{- end }}
+
+{{/* Whether the management API listens on the pods' address (its Service and NetworkPolicy rule): "true" or "". */}}
+{{- define "fedrelay.apiExposed" -}}
+{{- if and .Values.api.enabled (eq .Values.api.exposure "service") }}true{{ end }}
+{{- end }}
+
+{{/*
+Outgoing HTTPS: networkPolicy.egress.httpsPorts, and the ports of the OIDC provider's URLs
+(api.oidc.issuer, api.oidc.jwksUrl; 443 when they give none), as a JSON list.
+*/}}
+{{- define "fedrelay.httpsEgressPorts" -}}
+{{- $ports := list }}
+{{- range .Values.networkPolicy.egress.httpsPorts }}{{ $ports = append $ports (int .) }}{{ end }}
+{{- $o := .Values.api.oidc }}
+{{- if and .Values.api.enabled $o.issuer }}
+{{- range $url := list $o.issuer $o.jwksUrl }}
+{{- if $url }}
+{{- $p := include "fedrelay.urlPort" (dict "url" $url "default" "443") | int }}
+{{- if not (has $p $ports) }}{{ $ports = append $ports $p }}{{ end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $ports | toJson }}
+{{- end }}
 
 {{/* Checks of the SIP edge's values; .names: the declared domains (lower case). */}}
 {{- define "fedrelay.validateSip" -}}
