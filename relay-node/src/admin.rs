@@ -206,5 +206,13 @@ pub fn install_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus
         "fedrelay_usage_users_dropped_total",
         "users not counted as unique because the node's pending set was full"
     );
+    metrics::describe_counter!(
+        "fedrelay_metadata_days_archived_total",
+        "days of the metadata log moved from Redis into the archive"
+    );
+    metrics::describe_counter!(
+        "fedrelay_metadata_archive_errors_total",
+        "failed rotation or retention runs of the metadata log"
+    );
     Ok(handle)
 }

@@ -287,10 +287,19 @@ impl Default for TelemetryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetadataConfig {
-    /// Days a day's log is kept in Redis.
+    /// Days the log (and the usage counters) are kept, in Redis and in the archive.
     pub retention_days: u32,
     /// Entries kept by the in-memory log of `--dev`.
     pub memory_capacity: usize,
+    /// With an archive: days a day's log stays in Redis before it is moved to the archive.
+    pub redis_window_days: u32,
+    /// Where older days go, as one NDJSON object per day: `file:///var/lib/fedrelay/meta`,
+    /// `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix` (credentials from
+    /// the environment: `AWS_*`, `GOOGLE_*`, `AZURE_*`). Without one, Redis keeps the whole
+    /// retention.
+    pub archive_url: Option<String>,
+    /// How often a node looks for days to archive and for days past the retention.
+    pub maintenance_interval_secs: u64,
 }
 
 impl Default for MetadataConfig {
@@ -298,6 +307,9 @@ impl Default for MetadataConfig {
         Self {
             retention_days: 400,
             memory_capacity: 100_000,
+            redis_window_days: 7,
+            archive_url: None,
+            maintenance_interval_secs: 600,
         }
     }
 }
@@ -1247,6 +1259,23 @@ impl Config {
                 "http: listening on {} without TLS; set `tls_cert`/`tls_key`, or `allow_plaintext = true` behind a TLS-terminating proxy",
                 self.http.listen
             ));
+        }
+        if self.metadata.retention_days == 0
+            || self.metadata.redis_window_days == 0
+            || self.metadata.maintenance_interval_secs == 0
+        {
+            return bad("metadata: retention_days, redis_window_days and maintenance_interval_secs must be positive".into());
+        }
+        if let Some(u) = &self.metadata.archive_url {
+            let scheme = u.split_once("://").map(|(s, _)| s).unwrap_or("");
+            if !["file", "s3", "gs", "az", "azure", "abfs", "abfss"].contains(&scheme) {
+                return bad(format!(
+                    "metadata.archive_url `{u}`: a file://, s3://, gs:// or az:// URL"
+                ));
+            }
+            if self.metadata.redis_window_days >= self.metadata.retention_days {
+                return bad("metadata: redis_window_days must be below retention_days".into());
+            }
         }
         if self.api.tls_cert.is_some() != self.api.tls_key.is_some() {
             return bad("api: give both `tls_cert` and `tls_key`, or neither".into());

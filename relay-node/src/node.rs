@@ -14,6 +14,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{ClusterConfig, Config, MembershipKind, StoreBackend, StoreConfig};
 use crate::control::api::{self, ApiState};
 use crate::control::approvals::ApprovalBook;
+use crate::control::logstore::{Archive, LogReader};
 use crate::control::metadata::MetadataLog;
 use crate::control::metering::{Metering, PolicySides};
 use crate::control::policy::store::{
@@ -65,6 +66,7 @@ pub async fn run(
         sip_kv,
         approvals_kv,
         usage: usage_store,
+        redis: redis_conn,
     } = open_stores(&cfg)?;
     let (policy, policy_store) = open_policy(&cfg).await?;
     let policy_task = policy_store.clone().follow(policy.clone());
@@ -74,6 +76,24 @@ pub async fn run(
     );
     let (metering, usage_feed) = Metering::new(metadata.clone(), usage_agg.clone());
     let metadata_sink: Arc<dyn MetadataSink> = Arc::new(metering);
+    let log_reader = match &redis_conn {
+        Some(conn) => LogReader::Redis {
+            conn: conn.clone(),
+            prefix: cfg.store.key_prefix.clone(),
+            archive: match &cfg.metadata.archive_url {
+                Some(u) => Some(Archive::open(u).context("the metadata archive")?),
+                None => None,
+            },
+            window_days: cfg.metadata.redis_window_days,
+            retention_days: cfg.metadata.retention_days,
+        },
+        None => LogReader::Memory(metadata.memory_log().unwrap_or_default()),
+    };
+    let (maintenance_stop_tx, maintenance_stop_rx) = watch::channel(false);
+    let maintenance = log_reader.clone().spawn_maintenance(
+        Duration::from_secs(cfg.metadata.maintenance_interval_secs),
+        maintenance_stop_rx,
+    );
     let (usage_stop_tx, usage_stop_rx) = watch::channel(false);
     let usage_flusher =
         usage_agg.spawn_flusher(usage_store.clone(), DEFAULT_FLUSH_INTERVAL, usage_stop_rx);
@@ -277,8 +297,29 @@ pub async fn run(
                 store: policy_store.clone(),
                 approvals: approvals.clone(),
                 teams: teams.clone(),
-                forget_log: None,
+                forget_log: Some({
+                    let reader = log_reader.clone();
+                    let log = metadata.clone();
+                    Arc::new(move |address: String| {
+                        let (reader, log) = (reader.clone(), log.clone());
+                        Box::pin(async move {
+                            // Entries still on their way to the store are rewritten too.
+                            log.flush().await;
+                            let pseudonym = format!(
+                                "forgotten-{}@{}",
+                                &uuid::Uuid::new_v4().simple().to_string()[..12],
+                                address.rsplit_once('@').map_or("", |(_, d)| d)
+                            );
+                            reader
+                                .pseudonymise(&address, &pseudonym)
+                                .await
+                                .map_err(|e| e.to_string())
+                        })
+                            as futures::future::BoxFuture<'static, Result<u64, String>>
+                    })
+                }),
                 usage: usage_store.clone(),
+                log: log_reader.clone(),
                 auth: api_authenticator(&cfg, policy_store.clone())?,
                 cluster: Arc::new(move || {
                     let c = cluster_node.clone();
@@ -400,6 +441,8 @@ pub async fn run(
         warn!("usage counters not flushed before the deadline");
     }
     usage_feed.abort();
+    let _ = maintenance_stop_tx.send(true);
+    maintenance.abort();
     let _ = admin_stop_tx.send(true);
     let _ = admin_server.await;
     if let Some(a) = api_server {
@@ -590,6 +633,8 @@ struct Stores {
     sip_kv: Box<dyn teams::state::Kv>,
     approvals_kv: Box<dyn teams::state::Kv>,
     usage: UsageStore,
+    /// The state store's connection, for reading the metadata log.
+    redis: Option<redis::aio::ConnectionManager>,
 }
 
 fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
@@ -607,6 +652,7 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
                 sip_kv: Box::<MemoryKv>::default(),
                 approvals_kv: Box::<MemoryKv>::default(),
                 usage: UsageStore::memory(cfg.metadata.retention_days),
+                redis: None,
             }
         }
         StoreBackend::Redis => {
@@ -627,6 +673,7 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
             let xmpp_kv = Box::new(RedisKv::new(store.connection()));
             let sip_kv = Box::new(RedisKv::new(store.connection()));
             let approvals_kv = Box::new(RedisKv::new(store.connection()));
+            let redis = Some(store.connection());
             let usage = UsageStore::redis(
                 store.connection(),
                 &cfg.store.key_prefix,
@@ -643,6 +690,7 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
                 sip_kv,
                 approvals_kv,
                 usage,
+                redis,
             }
         }
     })

@@ -1774,6 +1774,17 @@ fn the_api_variant_serves_the_management_api_with_its_secrets_mounted() -> Resul
     let spec = &sts["spec"]["template"]["spec"];
     let relay = relay_container(sts)?;
 
+    // The metadata log's archive reaches the config.
+    let meta = toml
+        .get("metadata")
+        .and_then(toml::Value::as_table)
+        .context("relay.toml has no [metadata]")?;
+    ensure!(
+        toml_str(meta, "metadata", "archive_url")? == "s3://fedrelay-metadata/prod"
+            && meta.get("redis_window_days") == Some(&toml::Value::Integer(7)),
+        "[metadata] is {meta:?}"
+    );
+
     // On the pods' address, on the container port the Service targets; HTTPS only.
     let port = value(&["port"])
         .as_i64()

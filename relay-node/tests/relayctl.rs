@@ -195,6 +195,48 @@ async fn relayctl_manages_the_policy_as_a_file_with_exit_codes_scripts_can_trust
     let (code, _, err) = auditor.run(&["audit"])?;
     ensure!(code == 4 && err.contains("revoked"), "{code} {err}");
 
+    // The metadata log: the refused message is there, as an error; no content.
+    let (code, out, err) = ctl.run(&["log", "tail", "--type", "error"])?;
+    ensure!(
+        code == 0 && out.contains("error") && out.contains("alice@alpha.example"),
+        "{code} {out} {err}"
+    );
+    ensure!(
+        !out.contains("after the apply"),
+        "content in the log: {out}"
+    );
+    let csv = dir.path().join("log.csv");
+    let (code, _, err) = ctl.run(&["log", "export", "--out", csv.to_str().context("path")?])?;
+    ensure!(code == 0, "{err}");
+    let text = std::fs::read_to_string(&csv)?;
+    ensure!(
+        text.starts_with("at_ms,") && text.lines().count() == 3,
+        "two entries (one relayed, one refused): {text}"
+    );
+    // Usage is flushed about once a second.
+    test_support::wait_for(
+        "usage of what was sent",
+        std::time::Duration::from_secs(10),
+        || {
+            let ctl = &ctl;
+            async move {
+                let u = ctl.json(&["usage", "report", "--months", "1"]).ok()?;
+                (u["total"]["messages"] == 1 && u["total"]["errors"] == 1).then_some(())
+            }
+        },
+    )
+    .await?;
+    let (code, out, _) = ctl.run(&["usage", "report", "--months", "1"])?;
+    ensure!(
+        code == 0
+            && out.starts_with("MONTH")
+            && out
+                .lines()
+                .nth(1)
+                .is_some_and(|l| l.split_whitespace().nth(1) == Some("1")),
+        "{out}"
+    );
+
     // No relay there: unavailable (5).
     let gone = Ctl {
         api: "http://127.0.0.1:9".into(),

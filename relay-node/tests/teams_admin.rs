@@ -148,6 +148,19 @@ async fn a_teams_users_profile_and_contacts_are_shown_to_admins_and_forgotten_on
         "{s} {v}"
     );
 
+    // The metadata log names alice (the invitation, bob's refused message).
+    let (s, v) = api(
+        &c,
+        &base,
+        reqwest::Method::GET,
+        "/api/v1/log?user=alice@contoso.com",
+        BOOTSTRAP,
+        None,
+    )
+    .await?;
+    let named = v["entries"].as_array().map_or(0, Vec::len);
+    ensure!(s == 200 && named >= 2, "{s} {v}");
+
     // Forget: profile, contact and conversation reference are gone, and it is audited.
     let (s, v) = api(
         &c,
@@ -161,6 +174,42 @@ async fn a_teams_users_profile_and_contacts_are_shown_to_admins_and_forgotten_on
     ensure!(s == 200, "{s} {v}");
     ensure!(
         v["summary"]["teams"] == json!({"profile": true, "conversation": true, "contacts": 1}),
+        "{v}"
+    );
+    ensure!(
+        v["summary"]["metadata_entries_pseudonymised"]
+            .as_u64()
+            .is_some_and(|n| n as usize >= named),
+        "{v}"
+    );
+    let (s, v) = api(
+        &c,
+        &base,
+        reqwest::Method::GET,
+        "/api/v1/log?user=alice@contoso.com",
+        BOOTSTRAP,
+        None,
+    )
+    .await?;
+    ensure!(
+        s == 200 && v["entries"] == json!([]),
+        "alice is still in the log: {v}"
+    );
+    let (s, v) = api(
+        &c,
+        &base,
+        reqwest::Method::GET,
+        "/api/v1/log?domain=contoso.com",
+        BOOTSTRAP,
+        None,
+    )
+    .await?;
+    ensure!(
+        s == 200
+            && v["entries"].as_array().is_some_and(|e| e.len() >= named
+                && e.iter().any(|e| e["from"]
+                    .as_str()
+                    .is_some_and(|f| f.starts_with("forgotten-") && f.ends_with("@contoso.com")))),
         "{v}"
     );
     let (s, v) = api(

@@ -156,7 +156,8 @@ struct LogFilter {
 
 #[derive(Subcommand)]
 enum LogCommand {
-    /// The newest entries; with --follow, new ones as they come.
+    /// The newest entries of the last hour (or since --from); with --follow, new ones as they
+    /// come.
     Tail {
         #[command(flatten)]
         filter: LogFilter,
@@ -610,10 +611,36 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 limit,
                 follow,
             } => {
-                let q = log_query(&filter, limit, None)?;
-                let v = c.get(&format!("/api/v1/log?{q}&newest=true")).await?;
-                let mut entries = v["entries"].as_array().cloned().unwrap_or_default();
-                entries.reverse();
+                // The newest `limit` entries of the range (the last hour unless --from says
+                // otherwise): pages are oldest first, so walk them and keep the end.
+                let filter = LogFilter {
+                    from: filter.from.clone().or_else(|| {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_millis() as i64)
+                            .unwrap_or(0);
+                        Some((now - 3_600_000).to_string())
+                    }),
+                    ..filter
+                };
+                let mut entries: std::collections::VecDeque<Value> =
+                    std::collections::VecDeque::new();
+                let mut cursor: Option<String> = None;
+                loop {
+                    let q = log_query(&filter, 1000, cursor.as_deref())?;
+                    let v = c.get(&format!("/api/v1/log?{q}")).await?;
+                    for e in v["entries"].as_array().into_iter().flatten() {
+                        if entries.len() == limit {
+                            entries.pop_front();
+                        }
+                        entries.push_back(e.clone());
+                    }
+                    match v["next_cursor"].as_str() {
+                        Some(c) => cursor = Some(c.to_string()),
+                        None => break,
+                    }
+                }
+                let entries: Vec<Value> = entries.into_iter().collect();
                 if json_out {
                     for e in &entries {
                         println!("{e}");

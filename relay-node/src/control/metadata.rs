@@ -5,9 +5,9 @@
 //! entry per message with the fields `at`, `session`, `msg`, `from`, `from_platform`, `to`,
 //! `to_platform`, `category`, `kind`. No field ever holds message content.
 
+use super::logstore::MemLog;
 use redis::aio::ConnectionManager;
 use session_actor::{MetadataEntry, MetadataSink};
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -23,7 +23,7 @@ enum Backend {
         prefix: String,
         retention: Duration,
     },
-    Memory(Arc<Mutex<VecDeque<MetadataEntry>>>),
+    Memory(Arc<Mutex<MemLog>>),
 }
 
 enum Item {
@@ -36,7 +36,7 @@ enum Item {
 #[derive(Clone)]
 pub struct MetadataLog {
     tx: mpsc::UnboundedSender<Item>,
-    memory: Option<Arc<Mutex<VecDeque<MetadataEntry>>>>,
+    memory: Option<Arc<Mutex<MemLog>>>,
 }
 
 impl MetadataLog {
@@ -54,7 +54,7 @@ impl MetadataLog {
     }
 
     pub fn memory(capacity: usize) -> (Self, tokio::task::JoinHandle<()>) {
-        let buf = Arc::new(Mutex::new(VecDeque::with_capacity(capacity.min(1 << 16))));
+        let buf = Arc::new(Mutex::new(MemLog::default()));
         let (log, task) = Self::spawn(Backend::Memory(buf.clone()), Some(capacity));
         (
             Self {
@@ -84,11 +84,21 @@ impl MetadataLog {
         self.memory
             .as_ref()
             .and_then(|m| {
-                m.lock()
-                    .ok()
-                    .map(|q| q.iter().rev().take(n).cloned().collect())
+                m.lock().ok().map(|q| {
+                    q.entries
+                        .iter()
+                        .rev()
+                        .take(n)
+                        .map(|(_, e)| e.clone())
+                        .collect()
+                })
             })
             .unwrap_or_default()
+    }
+
+    /// The in-memory log, for queries (`None` for Redis).
+    pub fn memory_log(&self) -> Option<Arc<Mutex<MemLog>>> {
+        self.memory.clone()
     }
 }
 
@@ -118,10 +128,12 @@ async fn run(backend: Backend, mut rx: mpsc::UnboundedReceiver<Item>, capacity: 
             Backend::Memory(buf) => {
                 if let Ok(mut q) = buf.lock() {
                     for e in batch.drain(..) {
-                        if q.len() >= capacity {
-                            q.pop_front();
+                        if q.entries.len() >= capacity {
+                            q.entries.pop_front();
                         }
-                        q.push_back(e);
+                        let seq = q.next;
+                        q.next += 1;
+                        q.entries.push_back((seq, e));
                     }
                 }
             }

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod approvals;
+pub mod logstore;
 pub mod metadata;
 pub mod metering;
 pub mod policy;

@@ -8,6 +8,7 @@
 pub mod auth;
 
 use crate::control::approvals::{ApprovalBook, ApprovalError, Pending};
+use crate::control::logstore::LogQuery;
 use crate::control::policy::Policy;
 use crate::control::policy::model::{
     DomainPolicy, Group, Kind, PolicyDoc, Rule, Side, UserControl,
@@ -115,6 +116,8 @@ pub struct ApiState {
     pub forget_log: Option<ForgetLog>,
     /// Usage counters, for reports.
     pub usage: crate::control::usage::UsageStore,
+    /// The metadata log, for queries and exports.
+    pub log: crate::control::logstore::LogReader,
     pub auth: Authenticator,
     /// The cluster view, as the admin listener's `/cluster` gives it.
     pub cluster: Arc<dyn Fn() -> futures::future::BoxFuture<'static, Value> + Send + Sync>,
@@ -153,6 +156,8 @@ pub fn router(state: Arc<ApiState>, extra: Router<Arc<ApiState>>) -> Router {
             "/api/v1/users/{address}/forget",
             axum::routing::post(forget_user),
         )
+        .route("/api/v1/log", get(log_query))
+        .route("/api/v1/log/export", get(log_export))
         .route("/api/v1/usage", get(usage_report))
         .route("/api/v1/usage/today", get(usage_today))
         .route("/api/v1/approvals", get(list_approvals))
@@ -1280,4 +1285,114 @@ async fn usage_today(
     p.require(&[Role::Admin, Role::Auditor])?;
     let report = s.usage.today().await.map_err(usage_error)?;
     usage_answer(report, q.format.as_deref())
+}
+
+// === the metadata log ===
+
+#[derive(Deserialize)]
+struct LogParams {
+    /// Unix ms; default 24 hours before `to`.
+    #[serde(default)]
+    from: Option<i64>,
+    /// Unix ms; default now.
+    #[serde(default)]
+    to: Option<i64>,
+    #[serde(default)]
+    domain: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default, rename = "type")]
+    category: Option<String>,
+    #[serde(default)]
+    session: Option<String>,
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+    /// Export: `csv` or `ndjson`.
+    #[serde(default)]
+    format: Option<String>,
+}
+
+fn log_error(e: crate::control::logstore::LogError) -> ApiError {
+    use crate::control::logstore::LogError;
+    match e {
+        LogError::Invalid(_) => ApiError::bad_request(e.to_string()),
+        _ => ApiError::unavailable(e.to_string()),
+    }
+}
+
+fn log_query_of(p: LogParams) -> ApiResult<crate::control::logstore::LogQuery> {
+    let to = p.to.unwrap_or_else(|| crate::edges::now_ms() + 60_000);
+    let from = p.from.unwrap_or(to - 86_400_000);
+    crate::control::logstore::LogQuery {
+        from_ms: from,
+        to_ms: to,
+        domain: p.domain,
+        user: p.user,
+        category: p.category,
+        session: p.session,
+        cursor: p.cursor,
+        limit: p.limit.unwrap_or(100),
+    }
+    .checked()
+    .map_err(log_error)
+}
+
+/// `GET /api/v1/log`: one page of the metadata log, oldest first, and the cursor of the next.
+async fn log_query(
+    State(s): State<Arc<ApiState>>,
+    Extension(p): Extension<Principal>,
+    Query(params): Query<LogParams>,
+) -> ApiResult {
+    p.require(&[Role::Admin, Role::Auditor])?;
+    let q = log_query_of(params)?;
+    let page = s.log.query(&q).await.map_err(log_error)?;
+    Ok(Json(page).into_response())
+}
+
+/// `GET /api/v1/log/export?format=csv|ndjson`: every entry of the query, streamed.
+async fn log_export(
+    State(s): State<Arc<ApiState>>,
+    Extension(p): Extension<Principal>,
+    Query(mut params): Query<LogParams>,
+) -> ApiResult {
+    p.require(&[Role::Admin, Role::Auditor])?;
+    let csv = match params.format.take().as_deref() {
+        None | Some("csv") => true,
+        Some("ndjson") => false,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "unknown format `{other}`: csv or ndjson"
+            )));
+        }
+    };
+    params.limit = Some(crate::control::logstore::MAX_LIMIT);
+    let q = log_query_of(params)?;
+    // The first page is read before answering, so a bad cursor or an unreachable store is an
+    // error status, not a cut-off body.
+    s.log
+        .query(&LogQuery {
+            limit: 1,
+            ..q.clone()
+        })
+        .await
+        .map_err(log_error)?;
+    let body = axum::body::Body::from_stream(s.log.clone().export(q, csv));
+    let (ct, name) = if csv {
+        ("text/csv; charset=utf-8", "fedrelay-log.csv")
+    } else {
+        ("application/x-ndjson", "fedrelay-log.ndjson")
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, ct.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}\""),
+            ),
+        ],
+        body,
+    )
+        .into_response())
 }
