@@ -179,6 +179,7 @@ fn run() -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    let dev = cli.dev;
     let cfg = match (cli.dev, cli.config) {
         (true, _) => dev_api_token(Config::dev(std::env::vars())?)?,
         (false, Some(path)) => Config::load(&path, std::env::vars())?,
@@ -193,11 +194,25 @@ fn run() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(async move {
+    // The dev token's folder goes with the node.
+    let dev_token_dir = cfg
+        .api
+        .bootstrap_token_file
+        .as_ref()
+        .filter(|_| dev)
+        .and_then(|f| f.parent().map(std::path::Path::to_path_buf));
+    let result = runtime.block_on(async move {
         let _telemetry = telemetry::init(&cfg.telemetry)?;
         let metrics = admin::install_metrics()?;
         node::run(cfg, metrics, shutdown_signal()).await
-    })
+    });
+    if let Some(d) = dev_token_dir.filter(|d| {
+        d.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("fedrelay-dev-"))
+    }) {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    result
 }
 
 /// `--dev` without a bootstrap token: a fresh one, in a file only this user can read, whose
