@@ -1226,3 +1226,61 @@ async fn the_metadata_log_holds_no_content_answers_queries_and_survives_a_restar
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn the_api_speaks_tls_when_given_a_certificate_and_refuses_plaintext_off_loopback()
+-> Result<()> {
+    let redis = test_support::RedisServer::start()?;
+    let dir = tempfile::tempdir()?;
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem())?;
+    std::fs::write(&key_path, cert.signing_key.serialize_pem())?;
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, BOOTSTRAP)?;
+    let api = format!(
+        "[api]\nlisten = \"127.0.0.1:{{API_PORT}}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nbootstrap_token_file = \"{}\"\n",
+        cert_path.display(),
+        key_path.display(),
+        token_file.display()
+    );
+    let node = test_support::RelayNode::start(&common::config(
+        &redis.url(),
+        "http://127.0.0.1:1/hook",
+        &api,
+    ))?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let root = reqwest::Certificate::from_pem(cert.cert.pem().as_bytes())?;
+    let tls = reqwest::Client::builder().tls_certs_only([root]).build()?;
+    let r = tls
+        .get(format!("https://localhost:{}/api/v1/whoami", node.api_port))
+        .bearer_auth(BOOTSTRAP)
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "{}", r.status());
+    let plain = common::client()?
+        .get(format!("http://127.0.0.1:{}/api/v1/whoami", node.api_port))
+        .bearer_auth(BOOTSTRAP)
+        .send()
+        .await;
+    ensure!(plain.is_err() || plain.is_ok_and(|r| !r.status().is_success()));
+
+    // Listening beyond loopback without TLS is refused at start.
+    let open = format!(
+        "[api]\nlisten = \"0.0.0.0:{{API_PORT}}\"\nbootstrap_token_file = \"{}\"\n",
+        token_file.display()
+    );
+    let e = match test_support::RelayNode::start(&common::config(
+        &redis.url(),
+        "http://127.0.0.1:1/hook",
+        &open,
+    )) {
+        Ok(_) => anyhow::bail!("the API listened on 0.0.0.0 without TLS"),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(
+        e.contains("api: listening on 0.0.0.0") && e.contains("without TLS"),
+        "{e}"
+    );
+    Ok(())
+}
