@@ -208,7 +208,19 @@ async fn rotated_days_and_redis_days_answer_one_query_retention_and_erasure_reac
     ensure!(all(&reader, &query(from, to, 1000)?).await? == before);
     ensure!(keys(&redis, "fr:meta:*").await?.len() == 3);
 
-    // Erasure: alice becomes a pseudonym in the archive and in Redis.
+    // Erasure: alice becomes a pseudonym in the archive and in Redis, while another node's
+    // rotation holds its lock (a key among the day streams).
+    redis::cmd("SET")
+        .arg("fr:meta:rotation-lock")
+        .arg("another-node")
+        .arg("PX")
+        .arg(60_000)
+        .query_async::<()>(&mut c)
+        .await?;
+    ensure!(
+        reader.maintain(now).await? == (0, 0),
+        "rotation runs on one node at a time"
+    );
     let n = reader
         .pseudonymise("Alice@a.example", "forgotten-1234@a.example")
         .await?;
@@ -227,6 +239,10 @@ async fn rotated_days_and_redis_days_answer_one_query_retention_and_erasure_reac
         "alice is still in the archive"
     );
     ensure!(all(&reader, &query(from, to, 1000)?).await?.len() == 50);
+    redis::cmd("DEL")
+        .arg("fr:meta:rotation-lock")
+        .query_async::<()>(&mut c)
+        .await?;
 
     // Retention: 25 days on, with 30 days kept, the five oldest days go, from the archive.
     let (rotated, deleted) = reader.maintain(now + 25 * DAY).await?;

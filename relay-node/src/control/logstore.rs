@@ -652,8 +652,12 @@ impl LogReader {
                     }
                     keys
                 };
-                for key in keys {
-                    n += rewrite_stream(conn.clone(), &key, &address, pseudonym).await?;
+                // Day streams only (not the rotation lock).
+                for key in keys
+                    .iter()
+                    .filter(|k| k.rsplit(':').next().and_then(parse_day).is_some())
+                {
+                    n += rewrite_stream(conn.clone(), key, &address, pseudonym).await?;
                 }
                 if let Some(a) = archive {
                     for day in a.days().await? {
