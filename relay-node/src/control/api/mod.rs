@@ -611,19 +611,34 @@ async fn delete_rule(
 ) -> ApiResult {
     p.require(&[Role::Admin, Role::DomainAdmin])?;
     let (v, c) = commit(&s, &p, "rule.delete", if_match(&headers)?, |doc| {
-        let Some(r) = doc.rules.iter().find(|x| x.id == id) else {
-            return Err(ApiError::not_found(format!("no rule {id}")));
-        };
-        if !owns_rule(&p, doc, r) {
-            return Err(ApiError::forbidden(format!(
-                "rule {id} belongs to other domains"
-            )));
-        }
-        doc.rules.retain(|x| x.id != id);
-        Ok(())
+        remove_owned(doc, &p, "rule", &id, |d| &mut d.rules, |r| &r.id, owns_rule)
     })
     .await?;
     Ok(changed(v, c))
+}
+
+/// Removes item `id` from one list of the policy (`what` names it in errors), when the caller
+/// owns it.
+fn remove_owned<T>(
+    doc: &mut PolicyDoc,
+    p: &Principal,
+    what: &str,
+    id: &str,
+    list: fn(&mut PolicyDoc) -> &mut Vec<T>,
+    key: fn(&T) -> &str,
+    owned: fn(&Principal, &PolicyDoc, &T) -> bool,
+) -> ApiResult<()> {
+    let i = list(doc)
+        .iter()
+        .position(|x| key(x) == id)
+        .ok_or_else(|| ApiError::not_found(format!("no {what} {id}")))?;
+    let item = list(doc).remove(i);
+    if !owned(p, doc, &item) {
+        return Err(ApiError::forbidden(format!(
+            "{what} {id} concerns other domains"
+        )));
+    }
+    Ok(())
 }
 
 // === groups and user controls ===
@@ -681,16 +696,15 @@ async fn delete_group(
 ) -> ApiResult {
     p.require(&[Role::Admin, Role::DomainAdmin])?;
     let (v, c) = commit(&s, &p, "group.delete", if_match(&headers)?, |doc| {
-        let Some(g) = doc.groups.iter().find(|x| x.name == name) else {
-            return Err(ApiError::not_found(format!("no group {name}")));
-        };
-        if !owns_group(&p, g) {
-            return Err(ApiError::forbidden(format!(
-                "group {name} has users of other domains"
-            )));
-        }
-        doc.groups.retain(|x| x.name != name);
-        Ok(())
+        remove_owned(
+            doc,
+            &p,
+            "group",
+            &name,
+            |d| &mut d.groups,
+            |g| &g.name,
+            |p, _, g| owns_group(p, g),
+        )
     })
     .await?;
     Ok(changed(v, c))
@@ -755,16 +769,15 @@ async fn delete_control(
 ) -> ApiResult {
     p.require(&[Role::Admin, Role::DomainAdmin])?;
     let (v, c) = commit(&s, &p, "control.delete", if_match(&headers)?, |doc| {
-        let Some(u) = doc.users.iter().find(|x| x.id == id) else {
-            return Err(ApiError::not_found(format!("no control {id}")));
-        };
-        if !owns_control(&p, doc, u) {
-            return Err(ApiError::forbidden(format!(
-                "control {id} covers users of other domains"
-            )));
-        }
-        doc.users.retain(|x| x.id != id);
-        Ok(())
+        remove_owned(
+            doc,
+            &p,
+            "control",
+            &id,
+            |d| &mut d.users,
+            |u| &u.id,
+            owns_control,
+        )
     })
     .await?;
     Ok(changed(v, c))
