@@ -161,6 +161,35 @@ pub struct OidcConfig {
     /// Clock difference allowed on `exp` and `nbf`.
     #[serde(default = "default_oidc_skew")]
     pub clock_skew_secs: u64,
+    /// Signing in to the management portal through this provider.
+    pub portal: Option<PortalLoginConfig>,
+}
+
+/// The management portal's client at the OpenID Connect provider: the authorization code
+/// flow with PKCE, asking for an access token for `audience` (as a resource indicator).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortalLoginConfig {
+    pub client_id: String,
+    /// A file holding the client secret (`client_secret_basic`); a public client without it.
+    pub client_secret_file: Option<PathBuf>,
+    /// Where the provider sends the browser back: `https://<the portal's host>/portal/callback`,
+    /// registered at the provider.
+    pub redirect_url: String,
+    /// Scopes asked for besides `openid`.
+    #[serde(default = "default_portal_scopes")]
+    pub scopes: String,
+    /// Sessions end after this long even if the access token lives longer.
+    #[serde(default = "default_portal_session_secs")]
+    pub session_secs: u64,
+}
+
+fn default_portal_scopes() -> String {
+    "profile email".into()
+}
+
+fn default_portal_session_secs() -> u64 {
+    8 * 3600
 }
 
 fn default_oidc_skew() -> u64 {
@@ -1300,6 +1329,22 @@ impl Config {
                 && !https_or_loopback(j)
             {
                 return bad("api.oidc: `jwks_url` must be an https:// URL".into());
+            }
+            if let Some(pl) = &o.portal {
+                if pl.client_id.trim().is_empty() {
+                    return bad("api.oidc.portal: `client_id` must not be empty".into());
+                }
+                if !https_or_loopback(&pl.redirect_url)
+                    || !pl.redirect_url.ends_with("/portal/callback")
+                {
+                    return bad(
+                        "api.oidc.portal: `redirect_url` must be https://<host>/portal/callback"
+                            .into(),
+                    );
+                }
+                if pl.session_secs == 0 {
+                    return bad("api.oidc.portal: `session_secs` must be positive".into());
+                }
             }
         }
         if self.http.max_body_bytes == 0

@@ -21,6 +21,7 @@ use crate::control::policy::store::{
     AuditEntry, EtcdPolicyStore, MemoryPolicyStore, PolicyStore, StoreError as PolicyStoreError,
 };
 use crate::control::policy::{Policy, PolicyGate, model::PolicyDoc};
+use crate::control::portal::{self, PortalState, session::Sessions};
 use crate::control::usage::{DEFAULT_FLUSH_INTERVAL, UsageAggregator, UsageConfig, UsageStore};
 use crate::edges::sip::SipEdge;
 use crate::edges::teams::state::{MemoryKv, RedisKv, TeamsState};
@@ -65,6 +66,7 @@ pub async fn run(
         xmpp_kv,
         sip_kv,
         approvals_kv,
+        portal_kv,
         usage: usage_store,
         redis: redis_conn,
     } = open_stores(&cfg)?;
@@ -326,10 +328,18 @@ pub async fn run(
                     Box::pin(async move { admin::cluster_json(&c, false).await })
                 }),
             });
+            let api_router = api::router(state, axum::Router::new());
+            let portal = Arc::new(PortalState {
+                api: api_router.clone(),
+                sessions: Sessions::new(portal_kv, &cfg.store.key_prefix),
+                login: portal_login(&cfg)?,
+                secure: tls.is_some() || cfg.api.allow_plaintext,
+                token_session_secs: PORTAL_TOKEN_SESSION_SECS,
+            });
             Some(tokio::spawn(serve::serve(
                 l,
                 tls,
-                api::router(state, axum::Router::new()),
+                api_router.merge(portal::router(portal)),
                 admin_stop_rx,
             )))
         }
@@ -527,16 +537,6 @@ fn api_authenticator(
     };
     let oidc = match &cfg.api.oidc {
         Some(o) => {
-            let mut http = reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .redirect(reqwest::redirect::Policy::none());
-            if let Some(ca) = &o.ca_file {
-                let pem = std::fs::read(ca)
-                    .with_context(|| format!("reading api.oidc.ca_file {}", ca.display()))?;
-                http = http.add_root_certificate(
-                    reqwest::Certificate::from_pem(&pem).context("api.oidc.ca_file")?,
-                );
-            }
             let keys = match &o.jwks_url {
                 Some(j) => KeySource::Jwks(j.clone()),
                 None => KeySource::Metadata(format!(
@@ -555,7 +555,7 @@ fn api_authenticator(
                         min_refetch: Duration::from_secs(60),
                         metric: "fedrelay_api_jwks_fetches_total",
                     },
-                    http.build().context("the OIDC HTTP client")?,
+                    oidc_http(o)?,
                 ),
                 roles_claim: o.roles_claim.clone(),
                 domains_claim: o.domains_claim.clone(),
@@ -568,6 +568,54 @@ fn api_authenticator(
         bootstrap.as_deref(),
         oidc,
     ))
+}
+
+/// How long a portal session signed in with an API token lasts (the API checks the token on
+/// every call as well).
+const PORTAL_TOKEN_SESSION_SECS: u64 = 8 * 3600;
+
+/// The HTTP client for the OpenID Connect provider (trusting `api.oidc.ca_file` if given).
+fn oidc_http(o: &crate::config::OidcConfig) -> anyhow::Result<reqwest::Client> {
+    let mut http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(ca) = &o.ca_file {
+        let pem = std::fs::read(ca)
+            .with_context(|| format!("reading api.oidc.ca_file {}", ca.display()))?;
+        http = http.add_root_certificate(
+            reqwest::Certificate::from_pem(&pem).context("api.oidc.ca_file")?,
+        );
+    }
+    http.build().context("the OIDC HTTP client")
+}
+
+/// The portal's sign-in at the OpenID Connect provider, when configured.
+fn portal_login(cfg: &Config) -> anyhow::Result<Option<portal::OidcLogin>> {
+    let Some(o) = &cfg.api.oidc else {
+        return Ok(None);
+    };
+    let Some(p) = &o.portal else {
+        return Ok(None);
+    };
+    let secret = match &p.client_secret_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| {
+                    format!("reading api.oidc.portal.client_secret_file {}", f.display())
+                })?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    Ok(Some(portal::OidcLogin::new(
+        p.clone(),
+        &o.issuer,
+        &o.audience,
+        secret,
+        Duration::from_secs(o.clock_skew_secs),
+        oidc_http(o)?,
+    )))
 }
 
 /// The policy store (etcd in a cluster, memory otherwise) and the policy it holds; a new
@@ -632,6 +680,8 @@ struct Stores {
     xmpp_kv: Box<dyn teams::state::Kv>,
     sip_kv: Box<dyn teams::state::Kv>,
     approvals_kv: Box<dyn teams::state::Kv>,
+    /// The management portal's sessions.
+    portal_kv: Box<dyn teams::state::Kv>,
     usage: UsageStore,
     /// The state store's connection, for reading the metadata log.
     redis: Option<redis::aio::ConnectionManager>,
@@ -651,6 +701,7 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
                 xmpp_kv: Box::<MemoryKv>::default(),
                 sip_kv: Box::<MemoryKv>::default(),
                 approvals_kv: Box::<MemoryKv>::default(),
+                portal_kv: Box::<MemoryKv>::default(),
                 usage: UsageStore::memory(cfg.metadata.retention_days),
                 redis: None,
             }
@@ -673,6 +724,7 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
             let xmpp_kv = Box::new(RedisKv::new(store.connection()));
             let sip_kv = Box::new(RedisKv::new(store.connection()));
             let approvals_kv = Box::new(RedisKv::new(store.connection()));
+            let portal_kv = Box::new(RedisKv::new(store.connection()));
             let redis = Some(store.connection());
             let usage = UsageStore::redis(
                 store.connection(),
@@ -689,6 +741,7 @@ fn open_stores(cfg: &Config) -> anyhow::Result<Stores> {
                 xmpp_kv,
                 sip_kv,
                 approvals_kv,
+                portal_kv,
                 usage,
                 redis,
             }

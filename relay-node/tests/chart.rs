@@ -1770,6 +1770,10 @@ fn the_api_variant_serves_the_management_api_with_its_secrets_mounted() -> Resul
         .get("oidc")
         .and_then(toml::Value::as_table)
         .context("relay.toml has no [api.oidc]")?;
+    let portal = oidc
+        .get("portal")
+        .and_then(toml::Value::as_table)
+        .context("relay.toml has no [api.oidc.portal]")?;
     let sts = find(&docs, "StatefulSet", &fullname())?;
     let spec = &sts["spec"]["template"]["spec"];
     let relay = relay_container(sts)?;
@@ -1859,6 +1863,13 @@ fn the_api_variant_serves_the_management_api_with_its_secrets_mounted() -> Resul
             value(&["oidc", "caSecretName"]),
             value(&["oidc", "caKey"]),
         ),
+        (
+            portal,
+            "api.oidc.portal",
+            "client_secret_file",
+            value(&["oidc", "portal", "clientSecret", "secretName"]),
+            value(&["oidc", "portal", "clientSecret", "key"]),
+        ),
     ] {
         let (want_secret, want_key) = secret
             .as_str()
@@ -1900,6 +1911,26 @@ fn the_api_variant_serves_the_management_api_with_its_secrets_mounted() -> Resul
         "api.oidc.clock_skew_secs is {:?}",
         oidc.get("clock_skew_secs")
     );
+    // [api.oidc.portal] likewise.
+    for (key, v) in [
+        ("client_id", "clientId"),
+        ("redirect_url", "redirectUrl"),
+        ("scopes", "scopes"),
+    ] {
+        ensure!(
+            Some(toml_str(portal, "api.oidc.portal", key)?)
+                == value(&["oidc", "portal", v]).as_str(),
+            "api.oidc.portal.{key} is {}, the values give {}",
+            toml_str(portal, "api.oidc.portal", key)?,
+            value(&["oidc", "portal", v])
+        );
+    }
+    ensure!(
+        portal.get("session_secs").and_then(toml::Value::as_integer)
+            == defaults["api"]["oidc"]["portal"]["sessionSecs"].as_i64(),
+        "api.oidc.portal.session_secs is {:?}",
+        portal.get("session_secs")
+    );
 
     // check-config accepts it, and refuses what the chart refuses to render: the API on the
     // pods' address without TLS, an issuer that is not https://, OIDC without an audience.
@@ -1919,6 +1950,8 @@ fn the_api_variant_serves_the_management_api_with_its_secrets_mounted() -> Resul
         "audience = {}\n",
         toml::Value::from(toml_str(oidc, "api.oidc", "audience")?)
     );
+    let redirect = toml_str(portal, "api.oidc.portal", "redirect_url")?;
+    let elsewhere = redirect.replace("/portal/callback", "/elsewhere");
     let mut no_tls = text.clone();
     for key in ["tls_cert", "tls_key"] {
         no_tls = no_tls.replace(&format!("{key} = \"{}\"\n", toml_str(api, "api", key)?), "");
@@ -1944,6 +1977,13 @@ fn the_api_variant_serves_the_management_api_with_its_secrets_mounted() -> Resul
             "audience",
             vec!["api.oidc.audience=".to_string()],
             vec!["api.oidc.audience"],
+        ),
+        (
+            "a portal redirect that is not its callback",
+            text.replace(redirect, &elsewhere),
+            "redirect_url",
+            vec![format!("api.oidc.portal.redirectUrl={elsewhere}")],
+            vec!["api.oidc.portal.redirectUrl", "/portal/callback"],
         ),
     ] {
         ensure!(broken != text, "{what}: nothing removed from relay.toml");

@@ -5,6 +5,7 @@
 //! skipped test.
 #![forbid(unsafe_code)]
 
+pub mod browser;
 pub mod certs;
 mod etcd;
 pub mod fake_bot_connector;

@@ -408,6 +408,19 @@ values to change.
 {{- fail (printf "api.oidc.jwksUrl=%s is not an https:// URL: the relay refuses signing keys fetched otherwise" $o.jwksUrl) }}
 {{- end }}
 {{- end }}
+{{- $p := $o.portal }}
+{{- if or $p.clientId $p.redirectUrl $p.clientSecret.secretName }}
+{{- if not $o.issuer }}
+{{- fail "api.oidc.portal signs people in at the OpenID Connect provider: it needs api.oidc.issuer and api.oidc.audience" }}
+{{- end }}
+{{- if not $p.clientId }}
+{{- fail "api.oidc.portal needs clientId: the portal's client at the provider" }}
+{{- end }}
+{{- $local := or (hasPrefix "http://localhost:" $p.redirectUrl) (hasPrefix "http://127.0.0.1:" $p.redirectUrl) }}
+{{- if not (and (or (hasPrefix "https://" $p.redirectUrl) $local) (hasSuffix "/portal/callback" $p.redirectUrl)) }}
+{{- fail (printf "api.oidc.portal.redirectUrl=%q must be https://<the portal's host>/portal/callback (or http://localhost:<port>/portal/callback through kubectl port-forward), as registered at the provider" $p.redirectUrl) }}
+{{- end }}
+{{- end }}
 {{- $ports := dict "http.port" $v.http.port "admin.port" $v.admin.port }}
 {{- if include "fedrelay.clustered" . }}{{ $_ := set $ports "cluster.grpcPort" $v.cluster.grpcPort }}{{ end }}
 {{- if $v.xmpp.enabled }}{{ $_ := set $ports "xmpp.port" $v.xmpp.port }}{{ end }}
@@ -426,7 +439,8 @@ values to change.
 
 {{/*
 The management API's certificate and key (tls.crt, tls.key), the bootstrap token
-(bootstrap-token) and the OIDC provider's CA (oidc-ca.crt), in one projected volume of the relay
+(bootstrap-token), the OIDC provider's CA (oidc-ca.crt) and the portal's client secret
+(portal-client-secret), in one projected volume of the relay
 pods (not the loadtest Job's). Rendered when there is something to mount.
 */}}
 {{- define "fedrelay.apiSources" -}}
@@ -441,6 +455,9 @@ pods (not the loadtest Job's). Rendered when there is something to mount.
 {{- end }}
 {{- if and $a.oidc.issuer $a.oidc.caSecretName }}
 {{- $sources = append $sources (dict "secret" (dict "name" $a.oidc.caSecretName "items" (list (dict "key" $a.oidc.caKey "path" "oidc-ca.crt")))) }}
+{{- end }}
+{{- if and $a.oidc.issuer $a.oidc.portal.clientId $a.oidc.portal.clientSecret.secretName }}
+{{- $sources = append $sources (dict "secret" (dict "name" $a.oidc.portal.clientSecret.secretName "items" (list (dict "key" $a.oidc.portal.clientSecret.key "path" "portal-client-secret")))) }}
 {{- end }}
 {{- end }}
 {{- $sources | toJson }}

@@ -1,5 +1,5 @@
 //! The control plane of a node: federation policy, approvals, the metadata log, usage
-//! accounting and the management API.
+//! accounting, the management API and its portal.
 
 pub mod api;
 pub mod approvals;
@@ -7,4 +7,5 @@ pub mod logstore;
 pub mod metadata;
 pub mod metering;
 pub mod policy;
+pub mod portal;
 pub mod usage;

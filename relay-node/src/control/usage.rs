@@ -33,12 +33,14 @@
 //! | `fr:{usage}:<YYYY-MM-DD>:msgs` | hash | `<dim>:<value>:<type>` → messages, with `<dim>` one of `int`, `ext`, `plat`; `all::<type>` → messages of that type in total |
 //! | `fr:{usage}:<YYYY-MM-DD>:users:<set>` | HyperLogLog | users of the day in `<set>`: `all`, `type:<type>`, `int:<domain>`, `ext:<domain>`, `plat:<platform>` |
 //! | `fr:{usage}:<YYYY-MM>:users:<set>` | HyperLogLog | the month's days merged, built by the first report after the month is over |
-//! | `fr:{usage}:<YYYY-MM>:merged` | string | present while the month's merged sets are complete; every write into a day of that month deletes it |
+//! | `fr:{usage}:<YYYY-MM>:msgs` | hash | the month's day hashes summed, built with the merged sets |
+//! | `fr:{usage}:<YYYY-MM>:merged` | string | present while the month's merged sets and sums are complete; every write into a day of that month deletes it |
 //! | `fr:{usage}:applied:<writer>` | string | the last batch number that writer applied (expires after a day) |
 //!
 //! Day and month keys expire after the retention (400 days by default, so a 12-month report
-//! always finds its data). Message counts are always summed from the day hashes; only the
-//! unique-user sets of past months are cached.
+//! always finds its data). A finished month (a day past its end) is cached on its first
+//! report: its unique-user sets merged and its day hashes summed, in one transaction; later
+//! reports read one hash and one set per dimension for it instead of its days.
 //!
 //! # Exactly once
 //!
@@ -591,6 +593,32 @@ struct MemoryDay {
     users: HashMap<String, HashSet<String>>,
 }
 
+/// Sums the day hashes KEYS[2..] into the month hash KEYS[1] (replaced), expiring after
+/// ARGV[1] seconds; run in the transaction that marks the month merged, so a write into one
+/// of its days either comes before (and is summed) or after (and removes the marker).
+const MONTH_SUM_SCRIPT: &str = r"
+local sums = {}
+for i = 2, #KEYS do
+  local kv = redis.call('HGETALL', KEYS[i])
+  for j = 1, #kv, 2 do
+    sums[kv[j]] = (sums[kv[j]] or 0) + tonumber(kv[j + 1])
+  end
+end
+redis.call('DEL', KEYS[1])
+local args = {}
+for f, n in pairs(sums) do
+  args[#args + 1] = f
+  args[#args + 1] = n
+end
+for i = 1, #args, 1000 do
+  redis.call('HSET', KEYS[1], unpack(args, i, math.min(i + 999, #args)))
+end
+if #args > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return #args / 2
+";
+
 /// Applies one batch: see the module docs. KEYS[1] is the writer's applied-batch key; ARGV is
 /// the batch number, that key's TTL, the data TTL, then operations: `h <key> <n> (field
 /// incr)*n`, `p <key> <n> member*n`, `d <key>` (a key is its index in KEYS).
@@ -731,6 +759,11 @@ impl RedisUsage {
         format!("{}:{month}:merged", self.base())
     }
 
+    /// A finished month's day hashes summed (valid while its `merged` marker is there).
+    fn month_msgs_key(&self, month: &str) -> String {
+        format!("{}:{month}:msgs", self.base())
+    }
+
     async fn write(&self, writer: &str, seq: u64, batch: &Batch) -> Result<(), UsageError> {
         let mut inv = self.write.prepare_invoke();
         inv.key(format!("{}:applied:{writer}", self.base()))
@@ -776,37 +809,56 @@ impl RedisUsage {
         Ok(())
     }
 
-    /// Three round trips at most: the day hashes (and which past months are cached), the
-    /// merge of past months not cached yet, and every `PFCOUNT`.
+    /// Four round trips at most: which past months are cached, the message counts (a cached
+    /// month's sum, the days of the others), the caching of past months not cached yet, and
+    /// every `PFCOUNT`.
     async fn count(&self, periods: &[Period], today: i64) -> Result<Counted, UsageError> {
         let mut conn = self.conn.clone();
 
-        let mut pipe = redis::pipe();
-        let mut ndays = 0;
-        for p in periods {
-            for d in p.first..=p.last {
-                pipe.cmd("HGETALL").arg(self.msgs_key(d));
-                ndays += 1;
-            }
-        }
         let cacheable: Vec<usize> = periods
             .iter()
             .enumerate()
             .filter(|(_, p)| p.whole_month && p.last + GRACE_DAYS < today)
             .map(|(i, _)| i)
             .collect();
-        for &i in &cacheable {
-            pipe.cmd("EXISTS").arg(self.merged_key(&periods[i].label));
+        let mut cached = vec![false; periods.len()];
+        if !cacheable.is_empty() {
+            let mut pipe = redis::pipe();
+            for &i in &cacheable {
+                pipe.cmd("EXISTS").arg(self.merged_key(&periods[i].label));
+            }
+            let found: Vec<i64> = pipe.query_async(&mut conn).await?;
+            if found.len() != cacheable.len() {
+                return Err(UsageError::UnexpectedReply("month markers"));
+            }
+            for (&i, n) in cacheable.iter().zip(found) {
+                cached[i] = n > 0;
+            }
+        }
+
+        let mut pipe = redis::pipe();
+        let mut nhashes = 0;
+        for (i, p) in periods.iter().enumerate() {
+            if cached[i] {
+                pipe.cmd("HGETALL").arg(self.month_msgs_key(&p.label));
+                nhashes += 1;
+            } else {
+                for d in p.first..=p.last {
+                    pipe.cmd("HGETALL").arg(self.msgs_key(d));
+                    nhashes += 1;
+                }
+            }
         }
         let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
-        if replies.len() != ndays + cacheable.len() {
+        if replies.len() != nhashes {
             return Err(UsageError::UnexpectedReply("day hashes"));
         }
         let mut replies = replies.into_iter();
         let mut tallies = Vec::with_capacity(periods.len());
-        for p in periods {
+        for (i, p) in periods.iter().enumerate() {
             let mut t = Tally::default();
-            for _ in p.first..=p.last {
+            let n = if cached[i] { 1 } else { p.last - p.first + 1 };
+            for _ in 0..n {
                 let v = replies
                     .next()
                     .ok_or(UsageError::UnexpectedReply("day hashes"))?;
@@ -817,14 +869,6 @@ impl RedisUsage {
                 }
             }
             tallies.push(t);
-        }
-        let mut cached = vec![false; periods.len()];
-        for &i in &cacheable {
-            let v = replies
-                .next()
-                .ok_or(UsageError::UnexpectedReply("month markers"))?;
-            let n: i64 = redis::from_redis_value(v).map_err(redis::RedisError::from)?;
-            cached[i] = n > 0;
         }
 
         let to_build: Vec<usize> = cacheable.into_iter().filter(|&i| !cached[i]).collect();
@@ -845,6 +889,15 @@ impl RedisUsage {
                         .arg(self.retention_secs)
                         .ignore();
                 }
+                // The month's counts, summed by Redis from the days as they are now.
+                pipe.cmd("EVAL")
+                    .arg(MONTH_SUM_SCRIPT)
+                    .arg(1 + (p.last - p.first + 1))
+                    .arg(self.month_msgs_key(&p.label));
+                for d in p.first..=p.last {
+                    pipe.arg(self.msgs_key(d));
+                }
+                pipe.arg(self.retention_secs).ignore();
                 pipe.cmd("SET")
                     .arg(self.merged_key(&p.label))
                     .arg(1)

@@ -6,6 +6,7 @@
 //! lost update), and audited with who made it. Errors are JSON `{"error", "message"}`.
 
 pub mod auth;
+mod preview;
 
 use crate::control::approvals::{ApprovalBook, ApprovalError, Pending};
 use crate::control::logstore::LogQuery;
@@ -151,6 +152,11 @@ pub fn router(state: Arc<ApiState>, extra: Router<Arc<ApiState>>) -> Router {
         .route("/api/v1/cluster", get(cluster_status))
         .route("/api/v1/tokens", get(list_tokens).post(create_token))
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
+        .route(
+            "/api/v1/policy/preview",
+            axum::routing::post(preview::preview),
+        )
+        .route("/api/v1/users", get(list_users))
         .route("/api/v1/users/{address}", get(get_user))
         .route(
             "/api/v1/users/{address}/forget",
@@ -505,10 +511,7 @@ async fn put_domain(
         d.name = name.clone();
     }
     let (v, c) = commit(&s, &p, "domain.put", if_match(&headers)?, |doc| {
-        match doc.domains.iter_mut().find(|x| x.name == name) {
-            Some(x) => *x = d.clone(),
-            None => doc.domains.push(d.clone()),
-        }
+        set_domain(doc, d.clone());
         Ok(())
     })
     .await?;
@@ -525,15 +528,26 @@ async fn delete_domain(
     p.require(&[Role::Admin])?;
     let name = name.to_ascii_lowercase();
     let (v, c) = commit(&s, &p, "domain.delete", if_match(&headers)?, |doc| {
-        let before = doc.domains.len();
-        doc.domains.retain(|x| x.name != name);
-        if doc.domains.len() == before {
-            return Err(ApiError::not_found(format!("no domain {name}")));
-        }
-        Ok(())
+        remove_domain(doc, &name)
     })
     .await?;
     Ok(changed(v, c))
+}
+
+fn set_domain(doc: &mut PolicyDoc, d: DomainPolicy) {
+    match doc.domains.iter_mut().find(|x| x.name == d.name) {
+        Some(x) => *x = d,
+        None => doc.domains.push(d),
+    }
+}
+
+fn remove_domain(doc: &mut PolicyDoc, name: &str) -> ApiResult<()> {
+    let before = doc.domains.len();
+    doc.domains.retain(|x| x.name != name);
+    if doc.domains.len() == before {
+        return Err(ApiError::not_found(format!("no domain {name}")));
+    }
+    Ok(())
 }
 
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
@@ -580,27 +594,33 @@ async fn put_rule(
     rule.id = id.clone();
     rule.between = rule.between.map(|d| d.to_ascii_lowercase());
     let (v, c) = commit(&s, &p, "rule.put", if_match(&headers)?, |doc| {
-        if !owns_rule(&p, doc, &rule) {
-            return Err(ApiError::forbidden(
-                "a domain admin may only write rules of its own domains",
-            ));
-        }
-        let pos = doc.rules.iter().position(|x| x.id == id);
-        if let Some(i) = pos
-            && !owns_rule(&p, doc, &doc.rules[i])
-        {
-            return Err(ApiError::forbidden(format!(
-                "rule {id} belongs to other domains"
-            )));
-        }
-        match pos {
-            Some(i) => doc.rules[i] = rule.clone(),
-            None => doc.rules.push(rule.clone()),
-        }
-        Ok(())
+        set_rule(&p, doc, rule.clone())
     })
     .await?;
     Ok(changed(v, c))
+}
+
+/// Creates or replaces `rule` (by its id) in `doc`, when the caller may write it.
+fn set_rule(p: &Principal, doc: &mut PolicyDoc, rule: Rule) -> ApiResult<()> {
+    if !owns_rule(p, doc, &rule) {
+        return Err(ApiError::forbidden(
+            "a domain admin may only write rules of its own domains",
+        ));
+    }
+    let pos = doc.rules.iter().position(|x| x.id == rule.id);
+    if let Some(i) = pos
+        && !owns_rule(p, doc, &doc.rules[i])
+    {
+        return Err(ApiError::forbidden(format!(
+            "rule {} belongs to other domains",
+            rule.id
+        )));
+    }
+    match pos {
+        Some(i) => doc.rules[i] = rule,
+        None => doc.rules.push(rule),
+    }
+    Ok(())
 }
 
 async fn delete_rule(
@@ -1139,6 +1159,48 @@ fn split_user(address: &str) -> ApiResult<(String, String)> {
             "`{address}` is not a user@domain address"
         ))),
     }
+}
+
+#[derive(Deserialize)]
+struct UsersQuery {
+    domain: String,
+}
+
+/// `GET /api/v1/users?domain=`: the users the relay knows in an internal domain (the Teams
+/// users who have talked to its bot; the relay keeps no directory of other platforms' users).
+async fn list_users(
+    State(s): State<Arc<ApiState>>,
+    Extension(p): Extension<Principal>,
+    Query(q): Query<UsersQuery>,
+) -> ApiResult {
+    p.require(&[Role::Admin, Role::DomainAdmin])?;
+    let domain = q.domain.trim().to_ascii_lowercase();
+    if !p.owns_domain(&domain) {
+        return Err(ApiError::forbidden(format!(
+            "{domain} is not one of your domains"
+        )));
+    }
+    let policy = s.policy.current();
+    let platform = policy
+        .platform_of(&domain)
+        .ok_or_else(|| ApiError::not_found(format!("{domain} is not a domain of the policy")))?;
+    let mut users = Vec::new();
+    if platform == crate::config::Platform::Teams
+        && let Some(t) = &s.teams
+    {
+        users = t
+            .state()
+            .users(&domain)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?
+            .into_iter()
+            .map(|u| format!("{u}@{domain}"))
+            .collect();
+    }
+    Ok(
+        Json(json!({ "domain": domain, "platform": platform.as_str(), "users": users }))
+            .into_response(),
+    )
 }
 
 /// `GET /api/v1/users/{address}`: what the relay keeps about a user: a Teams user's profile

@@ -165,26 +165,7 @@ impl Policy {
 
     /// Allowed or not, and why: for (sender, receiver, kind), as the management API shows it.
     pub fn explain(&self, sender: &str, receiver: &str, kind: Kind) -> Option<Explanation> {
-        let c = self.current.load();
-        let sender = model::norm(sender);
-        let receiver = model::norm(receiver);
-        let party = |a: &str| -> Option<(String, String)> {
-            let (u, d) = a.rsplit_once('@')?;
-            Some((u.to_string(), d.to_string()))
-        };
-        let (su, sd) = party(&sender)?;
-        let (ru, rd) = party(&receiver)?;
-        let s = Party {
-            user: &su,
-            domain: &sd,
-        };
-        let r = Party {
-            user: &ru,
-            domain: &rd,
-        };
-        let initiating = matches!(kind, Kind::Contacts | Kind::Invites);
-        let d = c.decide(s, r, kind, initiating);
-        Some(c.explain(&d, s, r, kind))
+        explain_in(&self.current.load(), sender, receiver, kind)
     }
 
     /// The one check every envelope from an edge passes. Recipients the policy refuses are
@@ -364,4 +345,23 @@ impl Ingress for PolicyGate {
             }
         }
     }
+}
+
+/// Allowed or not, and why, by the compiled policy `c` (the live one, or one proposed).
+pub fn explain_in(c: &Compiled, sender: &str, receiver: &str, kind: Kind) -> Option<Explanation> {
+    let sender = model::norm(sender);
+    let receiver = model::norm(receiver);
+    let (su, sd) = sender.rsplit_once('@')?;
+    let (ru, rd) = receiver.rsplit_once('@')?;
+    let s = Party {
+        user: su,
+        domain: sd,
+    };
+    let r = Party {
+        user: ru,
+        domain: rd,
+    };
+    let initiating = matches!(kind, Kind::Contacts | Kind::Invites);
+    let d = c.decide(s, r, kind, initiating);
+    Some(c.explain(&d, s, r, kind))
 }

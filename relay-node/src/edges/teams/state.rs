@@ -380,6 +380,18 @@ impl TeamsState {
         format!("{}:t:ch:{key}", self.prefix)
     }
 
+    /// The user parts given out in `domain`, sorted.
+    pub async fn users(&self, domain: &str) -> Result<Vec<String>, StateError> {
+        let mut v: Vec<String> = self
+            .kv
+            .all(&self.names_key(domain))
+            .await?
+            .into_keys()
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
     pub async fn user(&self, domain: &str, user: &str) -> Result<Option<TeamsUser>, StateError> {
         Ok(parse(
             self.kv.get(&self.user_key(domain, user), "user").await?,
