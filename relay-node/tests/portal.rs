@@ -151,6 +151,27 @@ async fn sign_in(b: &Browser, portal: &str, user: &str, password: &str) -> Resul
     Ok(())
 }
 
+/// Every visible form control of the page has a label, and every button and link a name.
+async fn labelled(b: &Browser) -> Result<()> {
+    let unlabelled = b
+        .client()
+        .execute(
+            "return Array.from(document.querySelectorAll(\
+               'input:not([type=hidden]), select, textarea, button, a[href]'))\
+             .filter(e => e.matches('button, a') ? !e.textContent.trim()\
+                                                 : e.labels.length === 0)\
+             .map(e => e.outerHTML);",
+            Vec::new(),
+        )
+        .await?;
+    ensure!(
+        unlabelled.as_array().is_some_and(Vec::is_empty),
+        "controls without a label or name on {}: {unlabelled}",
+        b.client().current_url().await?
+    );
+    Ok(())
+}
+
 async fn current_path(b: &Browser) -> Result<String> {
     Ok(b.client().current_url().await?.path().to_string())
 }
@@ -262,9 +283,8 @@ async fn administrators_and_auditors_use_the_portal_in_a_real_browser() -> Resul
         .await?;
     ensure!(row.trim() == "5", "{seeded_month}: {row}");
     admin.screenshot("portal-overview").await?;
-    admin
-        .screenshot_of("#chart-messages", "portal-overview-messages")
-        .await?;
+    labelled(&admin).await?;
+    admin.screenshot_page("portal-overview-page").await?;
     // The table views open from the keyboard.
     for chart in ["#chart-internal", "#chart-external"] {
         admin
@@ -319,6 +339,7 @@ async fn administrators_and_auditors_use_the_portal_in_a_real_browser() -> Resul
         "{pending}"
     );
     admin.screenshot("portal-approvals").await?;
+    labelled(&admin).await?;
     admin
         .wait_for("#approvals button.primary")
         .await?
@@ -390,11 +411,12 @@ async fn administrators_and_auditors_use_the_portal_in_a_real_browser() -> Resul
         "{changes}"
     );
     admin.screenshot("portal-policy-preview").await?;
+    labelled(&admin).await?;
     admin.wait_for("#save").await?.click().await?;
     let done = admin.text_of(".notice.ok").await?;
     ensure!(done.contains("rule block-b is saved"), "{done}");
     ensure!(admin.text_of("#rules").await?.contains("block-b"));
-    admin.screenshot("portal-policy").await?;
+    admin.screenshot_page("portal-policy").await?;
     // Bad input in the domain form: a rate that is not a number. Nothing changes.
     let version = w.policy_version().await?;
     admin
@@ -469,6 +491,24 @@ async fn administrators_and_auditors_use_the_portal_in_a_real_browser() -> Resul
         );
     }
     admin.screenshot("portal-log").await?;
+    labelled(&admin).await?;
+    // A search the log cannot take is explained, and nothing is searched.
+    admin
+        .goto(&format!("{portal}/portal/log?from=yesterday&type=error"))
+        .await?;
+    let error = admin.text_of("#error").await?;
+    ensure!(
+        error.contains("From:") && error.contains("yesterday"),
+        "{error}"
+    );
+    ensure!(
+        admin
+            .client()
+            .find_all(Locator::Css("#log"))
+            .await?
+            .is_empty()
+    );
+    admin.client().back().await?;
     // The CSV export of the same search, fetched with the browser's session.
     let href = admin
         .wait_for("#export-csv")
@@ -512,6 +552,7 @@ async fn administrators_and_auditors_use_the_portal_in_a_real_browser() -> Resul
         .await?;
     ensure!(admin.text_of("#user-h").await? == "alice@a.example");
     admin.screenshot("portal-users").await?;
+    labelled(&admin).await?;
     // Blocking a contact for a user is a user control the API keeps; unblocking removes it.
     let csrf = admin
         .client()
@@ -548,7 +589,11 @@ async fn administrators_and_auditors_use_the_portal_in_a_real_browser() -> Resul
     }
     // Forgetting alice, confirmed in the dialog the portal's script opens.
     let (s, v) = w
-        .api(reqwest::Method::GET, "/api/v1/log?user=alice@a.example", None)
+        .api(
+            reqwest::Method::GET,
+            "/api/v1/log?user=alice@a.example",
+            None,
+        )
         .await?;
     ensure!(
         s == 200 && v["entries"].as_array().is_some_and(|e| !e.is_empty()),

@@ -160,9 +160,21 @@ impl Browser {
         save_png(name, self.client().screenshot().await?)
     }
 
-    /// Saves a PNG of the element `css` alone (scrolled into view), like [`Self::screenshot`].
-    pub async fn screenshot_of(&self, css: &str, name: &str) -> Result<PathBuf> {
-        save_png(name, self.wait_for(css).await?.screenshot().await?)
+    /// Saves a PNG of the whole page, however long (the window is made as tall as the page
+    /// for it, up to 4,000 px, then set back), like [`Self::screenshot`].
+    pub async fn screenshot_page(&self, name: &str) -> Result<PathBuf> {
+        let height = self
+            .client()
+            .execute("return document.documentElement.scrollHeight;", Vec::new())
+            .await?
+            .as_u64()
+            .context("the page's height")?;
+        let c = self.client();
+        c.set_window_size(WINDOW.0, (height as u32).clamp(WINDOW.1, 4000))
+            .await?;
+        let png = c.screenshot().await;
+        c.set_window_size(WINDOW.0, WINDOW.1).await?;
+        save_png(name, png?)
     }
 
     /// Ends the WebDriver session (Chromium quits); chromedriver stops on drop.

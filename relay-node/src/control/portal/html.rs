@@ -190,7 +190,8 @@ pub fn select(id: &str, label: &str, options: &[(String, String)], selected: &st
     h
 }
 
-/// A small form of one button posting `fields` (besides the CSRF token) to `action`.
+/// A small form of one button posting `fields` (besides the CSRF token) to `action`. The
+/// label's first word is shown; the rest (what it applies to) is for screen readers.
 pub fn button_form(
     s: &Session,
     action: &str,
@@ -215,11 +216,18 @@ pub fn button_form(
             esc(v)
         );
     }
+    // The verb shows; what it applies to is there for screen readers (rows already show it).
+    let (verb, object) = label.split_once(' ').unwrap_or((label, ""));
     let _ = write!(
         h,
-        "<button type=\"submit\" class=\"{}\">{}</button></form>",
+        "<button type=\"submit\" class=\"{}\">{}{}</button></form>",
         esc(class),
-        esc(label)
+        esc(verb),
+        if object.is_empty() {
+            String::new()
+        } else {
+            format!("<span class=\"sr\"> {}</span>", esc(object))
+        }
     );
     h
 }
