@@ -92,6 +92,11 @@ pub async fn run(
         None => LogReader::Memory(metadata.memory_log().unwrap_or_default()),
     };
     let (maintenance_stop_tx, maintenance_stop_rx) = watch::channel(false);
+    let usage_warmer = warm_usage(
+        usage_store.clone(),
+        Duration::from_secs(cfg.metadata.maintenance_interval_secs),
+        maintenance_stop_rx.clone(),
+    );
     let maintenance = log_reader.clone().spawn_maintenance(
         Duration::from_secs(cfg.metadata.maintenance_interval_secs),
         maintenance_stop_rx,
@@ -453,6 +458,7 @@ pub async fn run(
     usage_feed.abort();
     let _ = maintenance_stop_tx.send(true);
     maintenance.abort();
+    usage_warmer.abort();
     let _ = admin_stop_tx.send(true);
     let _ = admin_server.await;
     if let Some(a) = api_server {
@@ -568,6 +574,30 @@ fn api_authenticator(
         bootstrap.as_deref(),
         oidc,
     ))
+}
+
+/// Reads the trailing 12 months' usage now and then, off any request's path: a finished month
+/// is cached (its user sets merged, its counters summed) by the first report that reads it, so
+/// the portal's first overview after a month ends is as quick as the rest.
+fn warm_usage(
+    usage: UsageStore,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let today = crate::control::metadata::day_of(crate::edges::now_ms());
+                    if let Err(e) = usage.report(&today, 12).await {
+                        warn!(error = %e, "reading the usage of the last 12 months failed; retried later");
+                    }
+                }
+                _ = stop.changed() => break,
+            }
+        }
+    })
 }
 
 /// How long a portal session signed in with an API token lasts (the API checks the token on

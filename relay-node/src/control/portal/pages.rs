@@ -1094,7 +1094,7 @@ async fn user_detail(st: &PortalState, sess: &Sess, user: &Value) -> String {
     }
     h.push_str("</dl>");
     let contacts = user["contacts"].as_array().cloned().unwrap_or_default();
-    h.push_str("<table id=\"contacts\"><caption>External contacts</caption><thead><tr><th scope=\"col\">Contact</th><th scope=\"col\">Platform</th><th scope=\"col\">State</th><th scope=\"col\">Messages</th><th scope=\"col\">Why</th><th scope=\"col\">Actions</th></tr></thead><tbody>");
+    h.push_str("<table id=\"contacts\"><caption>External contacts</caption><thead><tr><th scope=\"col\">Contact</th><th scope=\"col\">Platform</th><th scope=\"col\">State</th><th scope=\"col\">Chat allowed</th><th scope=\"col\">Why</th><th scope=\"col\">Actions</th></tr></thead><tbody>");
     if contacts.is_empty() {
         h.push_str("<tr><td colspan=\"6\">No contacts.</td></tr>");
     }
