@@ -4,7 +4,8 @@
 use super::session::Session;
 use std::fmt::Write;
 
-/// Escapes text for HTML element content and quoted attribute values.
+/// Escapes text for HTML element content and quoted attribute values (the Teams edge's
+/// rendering too).
 pub fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {

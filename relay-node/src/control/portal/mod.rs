@@ -18,6 +18,7 @@ mod login;
 mod pages;
 pub mod session;
 
+pub use html::esc;
 pub use login::OidcLogin;
 
 use axum::body::Body;
@@ -27,7 +28,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
-use html::{Form, Nav, Notice, esc, page};
+use html::{Form, Nav, Notice, page};
 use serde::Deserialize;
 use serde_json::Value;
 use session::{Session, Sessions, random_token};

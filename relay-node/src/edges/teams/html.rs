@@ -304,20 +304,7 @@ fn safe_link(l: &str) -> bool {
 
 /// Escapes text for HTML, line breaks as `<br/>`.
 pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            '\n' => out.push_str("<br/>"),
-            '\r' => {}
-            c => out.push(c),
-        }
-    }
-    out
+    crate::control::portal::esc(&s.replace('\r', "")).replace('\n', "<br/>")
 }
 
 /// Renders neutral text as Teams HTML.
