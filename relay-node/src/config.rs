@@ -179,6 +179,10 @@ pub struct PortalLoginConfig {
     /// Scopes asked for besides `openid`.
     #[serde(default = "default_portal_scopes")]
     pub scopes: String,
+    /// The resource indicator (RFC 8707) asked for: `api.oidc.audience` when absent; `""` sends
+    /// none, for providers that name the API in a scope instead (Microsoft Entra ID:
+    /// `scopes = "api://<application id>/<scope>"`).
+    pub resource: Option<String>,
     /// Sessions end after this long even if the access token lives longer.
     #[serde(default = "default_portal_session_secs")]
     pub session_secs: u64,

@@ -51,8 +51,8 @@ pub struct SignedIn {
 pub struct OidcLogin {
     cfg: PortalLoginConfig,
     issuer: String,
-    /// The management API's audience: the resource indicator asked for.
-    audience: String,
+    /// The resource indicator asked for (the management API's audience), if any.
+    resource: Option<String>,
     secret: Option<String>,
     http: reqwest::Client,
     endpoints: Mutex<Option<Endpoints>>,
@@ -86,10 +86,15 @@ impl OidcLogin {
             },
             http.clone(),
         );
+        let resource = match &cfg.resource {
+            None => Some(audience.to_string()),
+            Some(r) if r.trim().is_empty() => None,
+            Some(r) => Some(r.trim().to_string()),
+        };
         Self {
             cfg,
             issuer,
-            audience: audience.to_string(),
+            resource,
             secret,
             http,
             endpoints: Mutex::new(None),
@@ -137,21 +142,22 @@ impl OidcLogin {
             browser: browser.to_string(),
         };
         let scope = format!("openid {}", self.cfg.scopes.trim());
-        let url = reqwest::Url::parse_with_params(
-            &ep.authorization_endpoint,
-            &[
-                ("response_type", "code"),
-                ("client_id", self.cfg.client_id.as_str()),
-                ("redirect_uri", self.cfg.redirect_url.as_str()),
-                ("scope", scope.trim()),
-                ("state", state.as_str()),
-                ("nonce", pending.nonce.as_str()),
-                ("code_challenge", challenge(&pending.verifier).as_str()),
-                ("code_challenge_method", "S256"),
-                ("resource", self.audience.as_str()),
-            ],
-        )
-        .map_err(|e| LoginError::Provider(format!("authorization endpoint: {e}")))?;
+        let challenge = challenge(&pending.verifier);
+        let mut params = vec![
+            ("response_type", "code"),
+            ("client_id", self.cfg.client_id.as_str()),
+            ("redirect_uri", self.cfg.redirect_url.as_str()),
+            ("scope", scope.trim()),
+            ("state", state.as_str()),
+            ("nonce", pending.nonce.as_str()),
+            ("code_challenge", challenge.as_str()),
+            ("code_challenge_method", "S256"),
+        ];
+        if let Some(r) = &self.resource {
+            params.push(("resource", r.as_str()));
+        }
+        let url = reqwest::Url::parse_with_params(&ep.authorization_endpoint, &params)
+            .map_err(|e| LoginError::Provider(format!("authorization endpoint: {e}")))?;
         Ok((url.to_string(), state, pending))
     }
 
@@ -163,8 +169,10 @@ impl OidcLogin {
             ("code", code),
             ("redirect_uri", self.cfg.redirect_url.as_str()),
             ("code_verifier", pending.verifier.as_str()),
-            ("resource", self.audience.as_str()),
         ];
+        if let Some(r) = &self.resource {
+            form.push(("resource", r.as_str()));
+        }
         let mut req = self.http.post(&ep.token_endpoint);
         match &self.secret {
             Some(s) => req = req.basic_auth(&self.cfg.client_id, Some(s)),
@@ -215,4 +223,74 @@ fn discovery_url(issuer: &str) -> String {
         "{}/.well-known/openid-configuration",
         issuer.trim_end_matches('/')
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn login(resource: Option<&str>) -> OidcLogin {
+        let l = OidcLogin::new(
+            PortalLoginConfig {
+                client_id: "portal".into(),
+                client_secret_file: None,
+                redirect_url: "https://admin.example/portal/callback".into(),
+                scopes: "profile".into(),
+                resource: resource.map(String::from),
+                session_secs: 60,
+            },
+            "https://idp.example",
+            "urn:fedrelay:api",
+            None,
+            Duration::from_secs(0),
+            reqwest::Client::new(),
+        );
+        l.endpoints
+            .try_lock()
+            .map(|mut e| {
+                *e = Some(Endpoints {
+                    authorization_endpoint: "https://idp.example/auth".into(),
+                    token_endpoint: "https://idp.example/token".into(),
+                })
+            })
+            .unwrap_or_default();
+        l
+    }
+
+    async fn params(l: &OidcLogin) -> anyhow::Result<(HashMap<String, String>, PendingLogin)> {
+        let (url, state, pending) = l.begin("browser-cookie").await?;
+        let url = reqwest::Url::parse(&url)?;
+        let q: HashMap<String, String> = url.query_pairs().into_owned().collect();
+        anyhow::ensure!(q.get("state") == Some(&state));
+        Ok((q, pending))
+    }
+
+    #[tokio::test]
+    async fn the_authorization_request_carries_pkce_state_nonce_and_the_resource()
+    -> anyhow::Result<()> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (q, pending) = params(&login(None)).await?;
+        assert_eq!(q["response_type"], "code");
+        assert_eq!(q["scope"], "openid profile");
+        assert_eq!(q["code_challenge_method"], "S256");
+        assert_eq!(q["code_challenge"], challenge(&pending.verifier));
+        assert_ne!(q["code_challenge"], pending.verifier);
+        assert!(
+            pending.verifier.len() >= 43,
+            "RFC 7636: 43 to 128 characters"
+        );
+        assert_eq!(q["nonce"], pending.nonce);
+        assert_eq!(pending.browser, "browser-cookie");
+        assert_eq!(q["resource"], "urn:fedrelay:api");
+        // A second sign-in has its own secrets.
+        let (q2, p2) = params(&login(None)).await?;
+        assert!(q2["state"] != q["state"] && p2.verifier != pending.verifier);
+        // Entra ID style: no resource indicator.
+        let (q, _) = params(&login(Some(""))).await?;
+        assert!(!q.contains_key("resource"));
+        let (q, _) = params(&login(Some("urn:other"))).await?;
+        assert_eq!(q["resource"], "urn:other");
+        Ok(())
+    }
 }
